@@ -1,0 +1,1 @@
+"""Alembic environment for migrator's state schema, shipped inside the package."""

@@ -1,0 +1,366 @@
+"""The ``migrator`` command line: a thin layer over :mod:`migrator.commands`.
+
+Errors become exit codes here and nowhere else: MigratorError subclasses carry their code
+(0 ok, 1 runtime error — the job is stopped and resumable, 2 bad input, 3 differences).
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import timezone
+from typing import Any
+
+import click
+
+from migrator import commands
+from migrator.errors import MigratorError
+from migrator.scanloop import Progress
+
+STATE_HELP = "state store URL (default: $MIGRATOR_STATE_URL, else sqlite:///.migrator/state.db)"
+
+
+def state_option(f: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option(
+        "--state",
+        "state_url",
+        envvar="MIGRATOR_STATE_URL",
+        default=None,
+        metavar="URL",
+        help=STATE_HELP,
+    )(f)
+
+
+@contextmanager
+def stop_on_signals() -> Iterator[threading.Event]:
+    """SIGINT/SIGTERM ask the work to stop after the current batch (checkpoint committed)."""
+    stop = threading.Event()
+    previous: dict[int, Any] = {}
+
+    def handler(signum: int, _frame: Any) -> None:
+        if stop.is_set():  # a second signal: give up at once
+            raise KeyboardInterrupt
+        click.echo(f"\n{signal.Signals(signum).name}: finishing the current batch...", err=True)
+        stop.set()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        previous[sig] = signal.signal(sig, handler)
+    try:
+        yield stop
+    finally:
+        for sig, h in previous.items():
+            signal.signal(sig, h)
+
+
+@contextmanager
+def progress_bar() -> Iterator[Callable[[Progress], None]]:
+    """A rich progress bar on a terminal; quiet otherwise (logs and CI stay readable)."""
+    if not sys.stderr.isatty():
+        yield lambda p: None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
+    from rich.progress import Progress as Bar
+
+    bar = Bar(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]}"),
+        TimeRemainingColumn(),
+        TextColumn("{task.fields[reason]}"),
+        transient=False,
+    )
+    tasks: dict[str, Any] = {}
+    with bar:
+
+        def update(p: Progress) -> None:
+            if p.stage not in tasks:
+                tasks[p.stage] = bar.add_task(p.stage, total=p.total, rate="", reason="")
+            bar.update(
+                tasks[p.stage],
+                completed=min(p.done, p.total or p.done),
+                total=p.total,
+                rate=f"{p.rate:,.0f}/s",
+                reason=p.reason or "",
+            )
+
+        yield update
+
+
+@click.group()
+@click.version_option(package_name="migrator")
+def cli() -> None:
+    """Split one big Redis key into N shard keys while the application keeps serving."""
+
+
+@cli.group()
+def plan() -> None:
+    """Validate and apply plan files."""
+
+
+@plan.command("validate")
+@click.argument("file", type=click.Path(dir_okay=False))
+def plan_validate(file: str) -> None:
+    """Check FILE and print the resolved plan (secrets masked)."""
+    import yaml
+
+    p = commands.validate(file)
+    click.echo(yaml.safe_dump(p.masked(), sort_keys=False).rstrip())
+    click.echo(f"# plan {p.name} is valid (spec {p.spec_hash()})", err=True)
+
+
+@plan.command("apply")
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option(
+    "--allow-no-instances",
+    is_flag=True,
+    help="proceed when no app instance reports (no application writes the key); audited",
+)
+@click.option(
+    "--barrier-timeout",
+    type=float,
+    default=60.0,
+    show_default=True,
+    help="seconds to wait for live app instances to acknowledge a phase change",
+)
+@state_option
+def plan_apply(
+    file: str, allow_no_instances: bool, barrier_timeout: float, state_url: str | None
+) -> None:
+    """Register FILE's job and run it to `verified`; running it again resumes."""
+    with stop_on_signals() as stop, progress_bar() as bar:
+        try:
+            job = commands.apply(
+                file,
+                state_url=state_url,
+                allow_no_instances=allow_no_instances,
+                stop=stop,
+                on_progress=bar,
+                barrier_timeout=barrier_timeout,
+            )
+        except MigratorError as e:
+            if e.exit_code == 1:
+                e.hint = (
+                    e.hint
+                    or f"the job keeps its checkpoint; run `migrator plan apply "
+                    f"{file}` again to resume"
+                )
+            raise
+    click.echo(f"job {job.name}: phase {job.phase}")
+
+
+def _fmt_status(s: dict[str, Any]) -> str:
+    lines = [
+        f"job {s['name']}: phase {s['phase']}, ratio {s['ratio']}%, epoch {s['epoch']}"
+        + (" [PAUSED]" if s["paused"] else "")
+    ]
+    lines.append(f"  {s['source_key']} -> {s['target_key']} x {s['shards']}")
+    total = s["total"] if s["total"] is not None else "?"
+    lines.append(f"  copied {s['copied']}/{total} ({s['progress']:.1%})")
+    if s["stage"]:
+        eta = f", ETA {s['eta_seconds']:.0f}s" if s["eta_seconds"] is not None else ""
+        lines.append(f"  working: {s['stage']} at {s['rate']:,.0f} members/s{eta}")
+    if s["throttle"]:
+        lines.append(f"  throttled: {s['throttle']}")
+    if s.get("verify"):
+        v = s["verify"]
+        lines.append(f"  last verify run {v['run']}: confirmed {v['confirmed'] or 'none'}")
+    live = [i for i in s["instances"] if i["live"]]
+    lines.append(
+        f"  app instances: {len(live)} live"
+        + (f" (redis {s['redis']})" if s["redis"] != "ok" else "")
+    )
+    for i in live:
+        flag = "  LAGGING" if i["lagging"] else ""
+        lines.append(
+            f"    {i['id']} {i['host']} pid {i['pid']} epoch {i['epoch']} "
+            f"seen {i['age_s']}s ago{flag}"
+        )
+    if s["counters"]:
+        lines.append("  shim: " + ", ".join(f"{k} {v}" for k, v in sorted(s["counters"].items())))
+    if s["last_error"]:
+        lines.append(f"  last error: {s['last_error']}")
+    return "\n".join(lines)
+
+
+@cli.command()
+@click.argument("name", required=False)
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+@click.option("--watch", is_flag=True, help="refresh every second until interrupted")
+@state_option
+def status(name: str | None, as_json: bool, watch: bool, state_url: str | None) -> None:
+    """Phase, ratio, progress, rate, ETA, throttle reason, app instances, shim counters."""
+    import time
+
+    while True:
+        jobs = commands.status(state_url, name)
+        if as_json:
+            click.echo(json.dumps(jobs[0] if name else jobs, indent=2))
+        elif not jobs:
+            click.echo("no jobs")
+        else:
+            if watch:
+                click.clear()
+            click.echo("\n".join(_fmt_status(s) for s in jobs))
+        if not watch:
+            return
+        time.sleep(1)
+
+
+@cli.command("set-ratio")
+@click.argument("args", nargs=-1, required=True, metavar="[NAME] PERCENT")
+@click.option("--force", is_flag=True, help="allow it while verification is unfinished or failed")
+@state_option
+def set_ratio(args: tuple[str, ...], force: bool, state_url: str | None) -> None:
+    """Move the gray read ratio (0..100); 100 is cutover."""
+    if len(args) > 2:
+        raise click.UsageError("expected [NAME] PERCENT")
+    name = args[0] if len(args) == 2 else None
+    try:
+        percent = int(args[-1])
+    except ValueError:
+        raise click.BadParameter(
+            f"{args[-1]!r} is not a whole percentage", param_hint="PERCENT"
+        ) from None
+    if not 0 <= percent <= 100:
+        raise click.BadParameter(f"{percent} is outside 0..100", param_hint="PERCENT")
+    job = commands.set_ratio(percent, name=name, state_url=state_url, force=force)
+    click.echo(f"job {job.name}: phase {job.phase}, ratio {job.ratio}% (epoch {job.epoch})")
+
+
+@cli.command()
+@click.argument("name")
+@state_option
+def pause(name: str, state_url: str | None) -> None:
+    """Pause the running copy, verify or cleanup of NAME (within a second)."""
+    job = commands.pause(name, state_url=state_url)
+    click.echo(f"job {job.name}: paused")
+
+
+@cli.command()
+@click.argument("name")
+@state_option
+def resume(name: str, state_url: str | None) -> None:
+    """Resume work paused with `migrator pause`."""
+    job = commands.resume(name, state_url=state_url)
+    click.echo(f"job {job.name}: resumed")
+
+
+@cli.command("set-rate")
+@click.argument("name")
+@click.argument("rate", type=float)
+@state_option
+def set_rate(name: str, rate: float, state_url: str | None) -> None:
+    """Set the members/s ceiling of NAME's running work (0 = unlimited)."""
+    job = commands.set_rate(name, rate, state_url=state_url)
+    click.echo(f"job {job.name}: rate {job.rate_override:g}/s")
+
+
+@cli.command()
+@click.argument("name")
+@click.option("--repair", is_flag=True, help="fix confirmed differences from the source")
+@click.option("--rounds", type=click.IntRange(1, 10), default=3, show_default=True)
+@click.option("--delay", type=float, default=0.5, show_default=True, help="seconds between rounds")
+@click.option("--show", is_flag=True, help="list every confirmed difference")
+@click.option("--json", "as_json", is_flag=True)
+@state_option
+def verify(
+    name: str,
+    repair: bool,
+    rounds: int,
+    delay: float,
+    show: bool,
+    as_json: bool,
+    state_url: str | None,
+) -> None:
+    """Diff old key and shards both ways; exit 3 while confirmed differences remain."""
+    with stop_on_signals() as stop, progress_bar() as bar:
+        report = commands.verify(
+            name,
+            state_url=state_url,
+            repair=repair,
+            rounds=rounds,
+            delay=delay,
+            stop=stop,
+            on_progress=bar,
+        )
+    listed = commands.diffs(name, state_url=state_url, run=report.run) if show else []
+    if as_json:
+        click.echo(json.dumps({**report.as_dict(), "differences": listed}, indent=2))
+    else:
+        click.echo(
+            f"verify run {report.run}: {report.source_checked} source and "
+            f"{report.shard_checked} shard members checked; suspects {report.suspects}, "
+            f"confirmed {sum(report.confirmed.values())}"
+            + (f", repaired {report.repaired}" if repair else "")
+        )
+        for d in listed:
+            click.echo(f"  {d['kind']:<17} shard {d['shard']:<5} {d['member']}")
+    if not report.clean:
+        sys.exit(3)
+
+
+@cli.command()
+@click.argument("name")
+@click.option("--barrier-timeout", type=float, default=60.0, show_default=True)
+@state_option
+def rollback(name: str, barrier_timeout: float, state_url: str | None) -> None:
+    """Back to old-only: ratio 0, shard keys removed. Possible until cleanup starts."""
+    with stop_on_signals() as stop, progress_bar() as bar:
+        job = commands.rollback(
+            name, state_url=state_url, stop=stop, barrier_timeout=barrier_timeout, on_progress=bar
+        )
+    click.echo(f"job {job.name}: phase {job.phase}")
+
+
+@cli.command()
+@click.argument("name")
+@click.option("--barrier-timeout", type=float, default=60.0, show_default=True)
+@state_option
+def cleanup(name: str, barrier_timeout: float, state_url: str | None) -> None:
+    """Stop writes to the old key (barrier), then remove it without blocking."""
+    with stop_on_signals() as stop, progress_bar() as bar:
+        job = commands.cleanup(
+            name, state_url=state_url, stop=stop, barrier_timeout=barrier_timeout, on_progress=bar
+        )
+    click.echo(f"job {job.name}: phase {job.phase}")
+
+
+@cli.command()
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True)
+@state_option
+def history(name: str, as_json: bool, state_url: str | None) -> None:
+    """The audit trail of NAME: every phase and ratio change, when, by whom."""
+    events = commands.history(name, state_url=state_url)
+    if as_json:
+        click.echo(json.dumps([{**e.__dict__, "at": e.at.isoformat()} for e in events], indent=2))
+        return
+    for e in events:
+        change = f"{e.from_value or ''} -> {e.to_value or ''}" if e.from_value else e.to_value or ""
+        at = e.at.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+        click.echo(
+            f"{at}  {e.kind:<9} {change:<28} {e.actor}@{e.host}"
+            + (f"  {e.detail}" if e.detail else "")
+        )
+
+
+def main() -> None:
+    try:
+        cli.main(standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(2 if isinstance(e, click.UsageError) else e.exit_code)
+    except MigratorError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
+        sys.exit(130)

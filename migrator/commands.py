@@ -1,0 +1,324 @@
+"""The verbs. Plain functions, each a few lines wiring the layers below (alembic's command.py
+is the model): the CLI, the scheduler and the tests all call these, so they cannot drift.
+
+Order inside ``apply`` matters for "bad input writes nothing": the plan is validated, the job
+looked up read-only, Redis preflighted, and only then is the store opened and written.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from migrator import control, keys
+from migrator.errors import InputError, JobNotFound, PlanConflict
+from migrator.phases import ACTIVE, TERMINAL, Phase
+from migrator.plan import Plan, load_plan
+from migrator.preflight import preflight
+from migrator.redisio import connect
+from migrator.runner import Runner, VerifyReport
+from migrator.scanloop import Progress
+from migrator.store import Event, Job, Store, open_store, peek_job
+from migrator.store.repository import iter_all
+
+ProgressFn = Callable[[Progress], None]
+
+
+def validate(path: str) -> Plan:
+    return load_plan(path)
+
+
+def _spec_diff(old: dict[str, Any], new: dict[str, Any]) -> str:
+    a = json.dumps(old, indent=2, sort_keys=True).splitlines()
+    b = json.dumps(new, indent=2, sort_keys=True).splitlines()
+    return "\n".join(difflib.unified_diff(a, b, "registered", "this plan", lineterm="", n=1))
+
+
+def apply(
+    path: str,
+    *,
+    state_url: str | None = None,
+    allow_no_instances: bool = False,
+    stop: threading.Event | None = None,
+    on_progress: ProgressFn | None = None,
+    barrier_timeout: float = 60.0,
+) -> Job:
+    """Register the plan's job (idempotent) and run it forward to ``verified``."""
+    plan = load_plan(path)
+    existing = peek_job(state_url, plan.name)
+    if existing and existing.spec_hash != plan.spec_hash() and existing.phase not in TERMINAL:
+        raise PlanConflict(
+            f"job {plan.name!r} is active (phase {existing.phase}) with a different plan; "
+            "a running job's plan cannot change:\n"
+            + _spec_diff(Plan.from_spec(existing.spec).masked(), plan.masked()),
+            hint="roll it back first, or give the new plan another name",
+        )
+    if existing and existing.phase == Phase.DONE:
+        return existing
+    client = connect(plan.redis.url)
+    try:
+        fresh = existing is None or existing.phase == Phase.ROLLED_BACK
+        if fresh:
+            preflight(client, plan, allow_no_instances=allow_no_instances)
+    finally:
+        client.close()
+    store = open_store(state_url)
+    try:
+        if existing is None:
+            store.create_job(plan, allow_no_instances=allow_no_instances)
+        elif existing.phase == Phase.ROLLED_BACK:
+            store.reset_for_reapply(plan.name, plan)
+        runner = Runner(
+            store, plan.name, stop=stop, on_progress=on_progress, barrier_timeout=barrier_timeout
+        )
+        return runner.apply()
+    finally:
+        store.close()
+
+
+def _store_for(state_url: str | None) -> Store:
+    return open_store(state_url)
+
+
+def resolve_name(store: Store, name: str | None) -> str:
+    if name:
+        store.get_job(name)
+        return name
+    active = [j for j in store.list_jobs() if j.phase not in TERMINAL]
+    if len(active) == 1:
+        return active[0].name
+    if not active:
+        raise JobNotFound("no active job in the state store; name one")
+    raise InputError(
+        "several jobs are active (" + ", ".join(j.name for j in active) + "); name the one you mean"
+    )
+
+
+def status(state_url: str | None = None, name: str | None = None) -> list[dict[str, Any]]:
+    """Everything `migrator status` shows, as plain data with stable field names (README)."""
+    store = _store_for(state_url)
+    try:
+        jobs = [store.get_job(name)] if name else store.list_jobs()
+        return [_status_of(store, j) for j in jobs]
+    finally:
+        store.close()
+
+
+def _status_of(store: Store, job: Job) -> dict[str, Any]:
+    plan = job.plan
+    cps = {s: store.get_checkpoint(job, s) for s in ("cleanup", "rollback", "verify", "copy")}
+    stage = next((s for s, c in cps.items() if c is not None and not c.finished), None)
+    cp = cps[stage] if stage else None
+    copy_cp = cps["copy"]
+    total = job.total_members
+    copied = (
+        min(copy_cp.members_done, total)
+        if copy_cp and total is not None
+        else (copy_cp.members_done if copy_cp else 0)
+    )
+    if copy_cp and copy_cp.finished and total is not None:
+        copied = total
+    rate = float(cp.extra.get("rate", 0.0)) if cp else 0.0
+    working = job.phase in ACTIVE and cp is not None
+    eta = None
+    if stage == "copy" and working and rate > 0 and total is not None:
+        eta = round(max(total - copied, 0) / rate, 1)
+    out: dict[str, Any] = {
+        "name": job.name,
+        "phase": job.phase.value,
+        "ratio": job.ratio,
+        "epoch": job.epoch,
+        "paused": job.paused,
+        "rate_override": job.rate_override,
+        "source_key": plan.source.key,
+        "target_key": plan.target.key,
+        "shards": plan.target.shards,
+        "copied": copied,
+        "total": total,
+        "progress": round(copied / total, 4)
+        if total
+        else (1.0 if copy_cp and copy_cp.finished else 0.0),
+        "stage": stage if working else None,
+        "stage_done": cp.members_done if cp else 0,
+        "rate": rate if working else 0.0,
+        "eta_seconds": eta,
+        "throttle": cp.extra.get("throttle") if cp and working else None,
+        "last_error": job.last_error,
+        "updated_at": job.updated_at.isoformat(),
+        "phase_changed_at": job.phase_changed_at.isoformat(),
+        "instances": [],
+        "counters": {},
+        "redis": "unknown",
+    }
+    run = store.last_verify_run(job)
+    if run:
+        out["verify"] = {
+            "run": run,
+            "confirmed": store.count_diffs(job, run, status="confirmed"),
+            "repaired": store.count_diffs(job, run, status="repaired"),
+        }
+    try:
+        client = connect(plan.redis.url, name=f"migrator:{job.name}:status")
+    except Exception as e:  # status must still show the store's view when Redis is down
+        out["redis"] = f"unreachable: {e}"
+        return out
+    try:
+        out["redis"] = "ok"
+        out["instances"] = [
+            {
+                "id": i.id,
+                "host": i.host,
+                "pid": i.pid,
+                "epoch": i.epoch,
+                "age_s": round(i.age_s, 1),
+                "live": i.live,
+                "lagging": i.live and i.epoch < job.epoch,
+            }
+            for i in control.instances(client, job.name)
+        ]
+        totals: dict[str, int] = {}
+        for field, value in client.hgetall(keys.counters(job.name)).items():
+            counter = field.decode().split("|", 1)[-1]
+            totals[counter] = totals.get(counter, 0) + int(value)
+        out["counters"] = totals
+    finally:
+        client.close()
+    return out
+
+
+def set_ratio(
+    percent: int, *, name: str | None = None, state_url: str | None = None, force: bool = False
+) -> Job:
+    store = _store_for(state_url)
+    try:
+        runner = Runner(store, resolve_name(store, name))
+        return runner.set_ratio(percent, force=force)
+    finally:
+        store.close()
+
+
+def pause(name: str, *, state_url: str | None = None) -> Job:
+    store = _store_for(state_url)
+    try:
+        return store.update_job(name, paused=True, audit="pause")
+    finally:
+        store.close()
+
+
+def resume(name: str, *, state_url: str | None = None) -> Job:
+    store = _store_for(state_url)
+    try:
+        return store.update_job(name, paused=False, audit="resume")
+    finally:
+        store.close()
+
+
+def set_rate(name: str, rate: float, *, state_url: str | None = None) -> Job:
+    if rate < 0:
+        raise InputError(f"rate must be >= 0 members/s (0 = unlimited), got {rate:g}")
+    store = _store_for(state_url)
+    try:
+        return store.update_job(name, rate_override=rate, audit="set-rate")
+    finally:
+        store.close()
+
+
+def verify(
+    name: str,
+    *,
+    state_url: str | None = None,
+    repair: bool = False,
+    rounds: int = 3,
+    delay: float = 0.5,
+    stop: threading.Event | None = None,
+    on_progress: ProgressFn | None = None,
+) -> VerifyReport:
+    store = _store_for(state_url)
+    try:
+        job = store.get_job(name)
+        if job.phase not in (Phase.VERIFYING, Phase.VERIFIED, Phase.GRAY, Phase.CUTOVER):
+            raise InputError(
+                f"job {name} is in phase {job.phase}; verify runs once the copy has "
+                "finished and before cleanup"
+            )
+        runner = Runner(store, name, stop=stop, on_progress=on_progress)
+        report = runner._guard(
+            lambda: runner.verify(rounds=rounds, delay=delay, repair=repair, fresh=True), "verify"
+        )
+        job = store.get_job(name)
+        if job.phase == Phase.VERIFIED and not report.clean:
+            runner.move(Phase.VERIFYING, detail=f"verify run {report.run} found differences")
+        elif job.phase == Phase.VERIFYING and report.clean:
+            runner.move(Phase.VERIFIED, detail=f"verify run {report.run} clean")
+        return report
+    finally:
+        store.close()
+
+
+def diffs(
+    name: str,
+    *,
+    state_url: str | None = None,
+    run: int | None = None,
+    status: str | None = "confirmed",
+) -> list[dict[str, Any]]:
+    store = _store_for(state_url)
+    try:
+        job = store.get_job(name)
+        run = run or store.last_verify_run(job)
+        return [
+            {
+                "member": d.member.decode("utf-8", "backslashreplace"),
+                "kind": d.kind,
+                "shard": d.shard,
+                "status": d.status,
+            }
+            for d in iter_all(store, job, run, status=status)
+        ]
+    finally:
+        store.close()
+
+
+def rollback(
+    name: str,
+    *,
+    state_url: str | None = None,
+    stop: threading.Event | None = None,
+    barrier_timeout: float = 60.0,
+    on_progress: ProgressFn | None = None,
+) -> Job:
+    store = _store_for(state_url)
+    try:
+        return Runner(
+            store, name, stop=stop, barrier_timeout=barrier_timeout, on_progress=on_progress
+        ).rollback()
+    finally:
+        store.close()
+
+
+def cleanup(
+    name: str,
+    *,
+    state_url: str | None = None,
+    stop: threading.Event | None = None,
+    barrier_timeout: float = 60.0,
+    on_progress: ProgressFn | None = None,
+) -> Job:
+    store = _store_for(state_url)
+    try:
+        return Runner(
+            store, name, stop=stop, barrier_timeout=barrier_timeout, on_progress=on_progress
+        ).cleanup()
+    finally:
+        store.close()
+
+
+def history(name: str, *, state_url: str | None = None) -> list[Event]:
+    store = _store_for(state_url)
+    try:
+        return store.history(name)
+    finally:
+        store.close()

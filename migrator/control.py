@@ -1,0 +1,184 @@
+"""The control record and app-instance heartbeats: how the runner steers live shims (SPEC §5-6).
+
+The runner publishes a :class:`ControlRecord` (one HSET, so shims never see half of one) and
+bumps ``epoch`` on every change of phase or ratio. Each shim re-reads it at least every second
+and heartbeats the epoch it has *applied* (no call of an older epoch still in flight). The runner
+moves on only when every live instance has acknowledged: :func:`wait_for_ack`.
+
+Depends only on redis-py, keys and phases: the shim imports it.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+import redis
+
+from migrator import keys
+from migrator.phases import Phase
+
+#: An instance whose last heartbeat is older than this is no longer live.
+LIVE_WINDOW_S = 5.0
+#: Heartbeat entries older than this are removed by the runner.
+FORGET_AFTER_S = 3600.0
+
+
+@dataclass(frozen=True)
+class ControlRecord:
+    job: str
+    phase: Phase
+    ratio: int
+    epoch: int
+    source_key: str
+    source_type: str
+    template: str
+    shards: int
+    hash: str
+    salt: str
+    bucketing: str = "sticky"
+    shadow_sample: float = 0.0
+
+    def shard_key(self, shard: int) -> str:
+        return self.template.replace("{shard}", str(shard))
+
+    def to_hash(self) -> dict[str, str]:
+        return {k: str(v.value if isinstance(v, Phase) else v) for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_hash(cls, h: Mapping[bytes | str, bytes | str]) -> ControlRecord:
+        d = {_s(k): _s(v) for k, v in h.items()}
+        ints = {"ratio", "epoch", "shards"}
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            if f.name not in d:
+                continue
+            raw = d[f.name]
+            if f.name == "phase":
+                values[f.name] = Phase(raw)
+            elif f.name in ints:
+                values[f.name] = int(raw)
+            elif f.name == "shadow_sample":
+                values[f.name] = float(raw)
+            else:
+                values[f.name] = raw
+        return cls(**values)
+
+
+@dataclass(frozen=True)
+class Instance:
+    id: str
+    host: str
+    pid: int
+    epoch: int
+    started: float
+    last_seen_ms: int
+    age_s: float
+
+    @property
+    def live(self) -> bool:
+        return self.age_s <= LIVE_WINDOW_S
+
+
+def _s(v: bytes | str) -> str:
+    return v.decode() if isinstance(v, bytes) else v
+
+
+def publish(client: redis.Redis, record: ControlRecord) -> None:
+    client.hset(keys.control(record.job), mapping=record.to_hash())
+
+
+def read(client: redis.Redis, job: str) -> ControlRecord | None:
+    h = client.hgetall(keys.control(job))
+    return ControlRecord.from_hash(h) if h else None
+
+
+def server_ms(client: redis.Redis) -> int:
+    sec, usec = client.time()
+    return int(sec) * 1000 + int(usec) // 1000
+
+
+def instances(client: redis.Redis, job: str) -> list[Instance]:
+    """Every instance that ever heartbeated (and was not forgotten), live or not."""
+    pipe = client.pipeline(transaction=False)
+    pipe.hgetall(keys.instances(job))
+    pipe.hgetall(keys.heartbeats(job))
+    pipe.time()
+    info, beats, (sec, usec) = pipe.execute()
+    now_ms = int(sec) * 1000 + int(usec) // 1000
+    out = []
+    for raw_id, raw in info.items():
+        iid = _s(raw_id)
+        seen = int(beats.get(raw_id, 0) or 0)
+        d = json.loads(raw)
+        out.append(
+            Instance(
+                iid,
+                d.get("host", "?"),
+                int(d.get("pid", 0)),
+                int(d.get("epoch", 0)),
+                float(d.get("started", 0)),
+                seen,
+                (now_ms - seen) / 1000.0,
+            )
+        )
+    return sorted(out, key=lambda i: i.id)
+
+
+def live_instances(client: redis.Redis, job: str) -> list[Instance]:
+    return [i for i in instances(client, job) if i.live]
+
+
+def forget_stale(client: redis.Redis, job: str) -> int:
+    stale = [i.id for i in instances(client, job) if i.age_s > FORGET_AFTER_S]
+    if stale:
+        client.hdel(keys.instances(job), *stale)
+        client.hdel(keys.heartbeats(job), *stale)
+    return len(stale)
+
+
+def heartbeat(client: redis.Redis, job: str, instance_id: str, payload: dict[str, Any]) -> None:
+    """Record an instance's applied epoch, stamped with the *server's* clock (no skew)."""
+    client.eval(
+        "local t = redis.call('TIME');"
+        "redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]);"
+        "redis.call('HSET', KEYS[2], ARGV[1], t[1] * 1000 + math.floor(t[2] / 1000));"
+        "return 1",
+        2,
+        keys.instances(job),
+        keys.heartbeats(job),
+        instance_id,
+        json.dumps(payload),
+    )
+
+
+def laggards(live: list[Instance], epoch: int) -> list[Instance]:
+    return [i for i in live if i.epoch < epoch]
+
+
+def wait_for_ack(
+    client: redis.Redis,
+    job: str,
+    epoch: int,
+    *,
+    timeout: float,
+    poll: float = 0.2,
+) -> list[Instance]:
+    """Block until every live instance acknowledged ``epoch``; return them.
+
+    Returns the (possibly empty) list of live instances once none lags; raises TimeoutError
+    with the laggards after ``timeout`` seconds. An instance that stops heartbeating drops out
+    of the live set after LIVE_WINDOW_S, so a crashed app process cannot hold the barrier.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        live = live_instances(client, job)
+        behind = laggards(live, epoch)
+        if not behind:
+            return live
+        if time.monotonic() >= deadline:
+            raise TimeoutError(behind)
+        time.sleep(poll)

@@ -1,0 +1,221 @@
+"""The plan: a declarative description of one migration, loaded from YAML (SPEC §3).
+
+``load_plan(path)`` is the only way in: it reads the file, expands ``${VAR}`` and
+``${VAR:-default}`` in every string value, validates with pydantic (unknown fields are
+refused) and raises :class:`~migrator.errors.PlanError` with one message naming each bad field.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from migrator.errors import PlanError
+from migrator.routing import HASH_FUNCTIONS
+from migrator.urls import mask_url
+
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class RedisSpec(_Strict):
+    url: str = "redis://127.0.0.1:6379/0"
+
+    @field_validator("url")
+    @classmethod
+    def _scheme(cls, v: str) -> str:
+        scheme = urlsplit(v).scheme
+        if scheme not in {"redis", "rediss", "unix", "redis+sentinel"}:
+            raise ValueError(
+                f"unsupported scheme {scheme!r}; use redis://, rediss://, unix:// or redis+sentinel://"
+            )
+        return v
+
+
+class SourceSpec(_Strict):
+    key: str = Field(min_length=1)
+    type: Literal["hash", "set", "zset"] | None = None
+
+
+class TargetSpec(_Strict):
+    key: str
+    shards: int = Field(ge=2, le=16384)
+    hash: str = "crc32"
+
+    @field_validator("key")
+    @classmethod
+    def _template(cls, v: str) -> str:
+        if "{shard}" not in v:
+            raise ValueError("must contain {shard}, e.g. 'user:info:{shard}'")
+        return v
+
+    @field_validator("hash")
+    @classmethod
+    def _hash(cls, v: str) -> str:
+        if v not in HASH_FUNCTIONS:
+            raise ValueError(
+                f"unknown hash function {v!r}; known: {', '.join(sorted(HASH_FUNCTIONS))}"
+            )
+        return v
+
+    def shard_key(self, shard: int) -> str:
+        return self.key.replace("{shard}", str(shard))
+
+    def shard_keys(self) -> list[str]:
+        return [self.shard_key(i) for i in range(self.shards)]
+
+
+class CopySpec(_Strict):
+    batch: int = Field(default=500, ge=1, le=100_000)
+    rate: float = Field(default=0, ge=0)
+    max_command_ms: float = Field(default=1.0, gt=0, le=1000)
+
+
+class GraySpec(_Strict):
+    bucketing: Literal["sticky", "random"] = "sticky"
+    shadow_sample: float = Field(default=0.0, ge=0.0, le=1.0)
+
+
+class CleanupSpec(_Strict):
+    mode: Literal["auto", "unlink", "hdel"] = "auto"
+    after: float = 0.0
+    """Seconds after cutover at which ``migrator run`` cleans up; 0 means only on command."""
+
+    @field_validator("after", mode="before")
+    @classmethod
+    def _duration(cls, v: Any) -> float:
+        return parse_duration(v)
+
+
+class Plan(_Strict):
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9-]{0,62}$")
+    redis: RedisSpec = RedisSpec()
+    source: SourceSpec
+    target: TargetSpec
+    copy_: CopySpec = Field(default=CopySpec(), alias="copy")
+    gray: GraySpec = GraySpec()
+    cleanup: CleanupSpec = CleanupSpec()
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    @field_validator("name", mode="before")
+    @classmethod
+    def _name(cls, v: Any) -> Any:
+        if isinstance(v, str) and not re.fullmatch(r"[a-z0-9][a-z0-9-]{0,62}", v):
+            raise ValueError(
+                f"{v!r} is not a job name: use 1-63 of a-z, 0-9 and '-', starting with a letter or digit"
+            )
+        return v
+
+    def spec(self) -> dict[str, Any]:
+        """The resolved plan as plain data (secrets included: this is what the store keeps)."""
+        return self.model_dump(mode="json", by_alias=True)
+
+    def spec_hash(self) -> str:
+        return hashlib.sha256(json.dumps(self.spec(), sort_keys=True).encode()).hexdigest()[:16]
+
+    def masked(self) -> dict[str, Any]:
+        """The resolved plan with the password in the Redis URL replaced by ``***``."""
+        spec = self.spec()
+        spec["redis"]["url"] = mask_url(spec["redis"]["url"])
+        return spec
+
+    @classmethod
+    def from_spec(cls, spec: Mapping[str, Any]) -> Plan:
+        return cls.model_validate(spec)
+
+
+def parse_duration(v: Any) -> float:
+    """``0``, ``90``, ``"2s"``, ``"15m"``, ``"7d"`` → seconds."""
+    if isinstance(v, bool):
+        raise ValueError("a duration is a number of seconds or a string like '2s', '15m', '7d'")
+    if isinstance(v, (int, float)):
+        if v < 0:
+            raise ValueError("a duration cannot be negative")
+        return float(v)
+    if isinstance(v, str):
+        m = _DURATION.match(v)
+        if m:
+            return float(m.group(1)) * _UNITS[m.group(2)]
+    raise ValueError(f"{v!r} is not a duration; use seconds or e.g. '2s', '15m', '7d'")
+
+
+def expand_env(value: Any, env: Mapping[str, str], path: str = "") -> Any:
+    """Expand ``${VAR}`` / ``${VAR:-default}`` in every string inside ``value``."""
+    if isinstance(value, dict):
+        return {k: expand_env(v, env, f"{path}.{k}" if path else str(k)) for k, v in value.items()}
+    if isinstance(value, list):
+        return [expand_env(v, env, f"{path}[{i}]") for i, v in enumerate(value)]
+    if not isinstance(value, str):
+        return value
+
+    def sub(m: re.Match[str]) -> str:
+        var, default = m.group(1), m.group(2)
+        if var in env and env[var] != "":
+            return env[var]
+        if default is not None:
+            return default
+        raise PlanError(
+            f"{path}: environment variable ${{{var}}} is not set (and has no :-default)"
+        )
+
+    return _ENV_REF.sub(sub, value)
+
+
+def load_plan(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> Plan:
+    """Read, expand and validate a plan file. Raises PlanError naming what is wrong."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as e:
+        raise PlanError(f"{p}: cannot read plan file: {e.strerror or e}") from None
+    return parse_plan(text, env, source=str(p))
+
+
+def parse_plan(text: str, env: Mapping[str, str] | None = None, source: str = "plan") -> Plan:
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e)
+        raise PlanError(f"{source}: not valid YAML{where}: {problem}") from None
+    if not isinstance(raw, dict):
+        raise PlanError(f"{source}: a plan is a YAML mapping with name, source and target")
+    try:
+        expanded = expand_env(raw, os.environ if env is None else env)
+    except PlanError as e:
+        raise PlanError(f"{source}: {e.message}") from None
+    try:
+        return Plan.model_validate(expanded)
+    except ValidationError as e:
+        raise PlanError(f"{source}: invalid plan\n" + _describe(e)) from None
+
+
+def _describe(e: ValidationError) -> str:
+    lines = []
+    for err in e.errors():
+        field = ".".join(str(x) for x in err["loc"]) or "(top level)"
+        kind = err["type"]
+        if kind == "missing":
+            msg = "field required"
+        elif kind == "extra_forbidden":
+            msg = "unknown field"
+        else:
+            msg = err["msg"].removeprefix("Value error, ")
+        lines.append(f"  {field}: {msg}")
+    return "\n".join(lines)

@@ -1,0 +1,65 @@
+"""Checks made before a job is registered: nothing here writes to Redis or the state store."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import redis
+
+from migrator import control
+from migrator.errors import PreflightError
+from migrator.plan import Plan
+
+
+@dataclass(frozen=True)
+class PreflightReport:
+    source_type: str
+    members: int
+    live_instances: int
+
+
+def detect_type(client: redis.Redis, plan: Plan) -> str:
+    kind = client.type(plan.source.key)
+    kind = kind.decode() if isinstance(kind, bytes) else str(kind)
+    if kind == "none":
+        raise PreflightError(f"source key {plan.source.key!r} does not exist")
+    if plan.source.type and plan.source.type != kind:
+        raise PreflightError(
+            f"source key {plan.source.key!r} is a {kind}, but the plan says source.type: "
+            f"{plan.source.type}"
+        )
+    if kind != "hash":
+        raise PreflightError(
+            f"source key {plan.source.key!r} is a {kind}; this release migrates hash keys only"
+        )
+    return kind
+
+
+def taken_shard_keys(client: redis.Redis, plan: Plan) -> list[str]:
+    shard_keys = plan.target.shard_keys()
+    pipe = client.pipeline(transaction=False)
+    for k in shard_keys:
+        pipe.exists(k)
+    return [k for k, n in zip(shard_keys, pipe.execute(), strict=True) if n]
+
+
+def preflight(client: redis.Redis, plan: Plan, *, allow_no_instances: bool) -> PreflightReport:
+    """Refuse (PreflightError, exit 2) a plan the target cannot take; else report what it saw."""
+    kind = detect_type(client, plan)
+    taken = taken_shard_keys(client, plan)
+    if taken:
+        shown = ", ".join(repr(k) for k in taken[:3]) + (" ..." if len(taken) > 3 else "")
+        raise PreflightError(
+            f"{len(taken)} shard key(s) of target.key {plan.target.key!r} already exist: {shown}",
+            hint="choose another target.key, or remove those keys if they are leftovers",
+        )
+    live = control.live_instances(client, plan.name)
+    if not live and not allow_no_instances:
+        raise PreflightError(
+            f"no live application instance reports for job {plan.name!r}: writes made by an "
+            "application without the shim would be lost",
+            hint="deploy the app with ShardRouter.attach(client, "
+            f"{plan.name!r}) first, or pass --allow-no-instances if no application writes "
+            f"{plan.source.key!r} meanwhile",
+        )
+    return PreflightReport(kind, int(client.hlen(plan.source.key)), len(live))

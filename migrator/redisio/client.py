@@ -1,0 +1,112 @@
+"""The one place Redis clients are made: URL → client, topology detected, retry policy set.
+
+Retry policy (one layer per concern): redis-py's own ``Retry`` re-sends a single command after
+a connection error or timeout (3 tries, exponential backoff capped at 1 s); batches and phases
+are retried by the runner with tenacity. Supported URLs: ``redis://``, ``rediss://`` (TLS),
+``unix://`` and ``redis+sentinel://h1:26379,h2:26379/service/db``; ACL user and password come
+from the URL.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+import redis
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
+from redis.sentinel import Sentinel
+
+from migrator.errors import PreflightError, RedisUnavailable
+from migrator.urls import mask_url
+
+_RETRY_ON = [redis.ConnectionError, redis.TimeoutError]
+
+
+def _retry() -> Retry:
+    return Retry(ExponentialBackoff(cap=1.0, base=0.05), retries=3)
+
+
+def _options(name: str | None) -> dict[str, Any]:
+    return {
+        "retry": _retry(),
+        "retry_on_error": _RETRY_ON,
+        "socket_timeout": 10.0,
+        "socket_connect_timeout": 5.0,
+        "client_name": name,
+        "health_check_interval": 30,
+    }
+
+
+@dataclass(frozen=True)
+class SentinelURL:
+    hosts: list[tuple[str, int]]
+    service: str
+    db: int
+    username: str | None
+    password: str | None
+    tls: bool
+
+
+def parse_sentinel_url(url: str) -> SentinelURL:
+    """``redis+sentinel://[user:pass@]h1:26379,h2:26379/service[/db][?tls=1]``."""
+    parts = urlsplit(url)
+    netloc = parts.netloc.rsplit("@", 1)
+    auth, hostlist = (netloc[0], netloc[1]) if len(netloc) == 2 else ("", netloc[0])
+    username = password = None
+    if auth:
+        user, _, pw = auth.partition(":")
+        username, password = unquote(user) or None, unquote(pw) or None
+    hosts = []
+    for h in hostlist.split(","):
+        host, _, port = h.rpartition(":")
+        hosts.append((host or port, int(port) if host else 26379))
+    path = [p for p in parts.path.split("/") if p]
+    if not path:
+        raise PreflightError(f"{mask_url(url)}: a sentinel URL names the service: .../service/db")
+    db = int(path[1]) if len(path) > 1 else 0
+    return SentinelURL(hosts, path[0], db, username, password, "tls=1" in parts.query)
+
+
+def connect(url: str, *, name: str | None = None, check: bool = True) -> redis.Redis:
+    """A client for ``url``, named ``name`` in CLIENT LIST; raises RedisUnavailable if down.
+
+    Redis Cluster is detected and refused for now with a clear message: the cluster path needs
+    non-atomic dual writes, which this release does not implement yet.
+    """
+    try:
+        if url.startswith("redis+sentinel://"):
+            s = parse_sentinel_url(url)
+            sentinel = Sentinel(s.hosts, socket_timeout=5.0, ssl=s.tls)
+            client: redis.Redis = sentinel.master_for(
+                s.service,
+                db=s.db,
+                username=s.username,
+                password=s.password,
+                ssl=s.tls,
+                **_options(name),
+            )
+        else:
+            client = redis.Redis.from_url(url, **_options(name))
+        if check:
+            client.ping()
+            if name:
+                # client_name is applied on connect; set it explicitly on this first connection
+                # too, so that it shows in CLIENT LIST even where a proxy dropped the handshake.
+                client.client_setname(name)
+            if str(client.info("cluster").get("cluster_enabled", 0)) == "1":
+                raise PreflightError(
+                    f"{mask_url(url)} is a Redis Cluster node; cluster topologies are not "
+                    "supported by this release (standalone and sentinel are)"
+                )
+    except redis.AuthenticationError as e:
+        raise RedisUnavailable(f"Redis at {mask_url(url)} refused the credentials: {e}") from None
+    except (redis.ConnectionError, redis.TimeoutError, OSError) as e:
+        raise RedisUnavailable(
+            f"cannot reach Redis at {mask_url(url)}: {e}",
+            hint="check redis.url in the plan (or REDIS_URL) and that the server is up",
+        ) from None
+    except redis.ResponseError as e:
+        raise RedisUnavailable(f"Redis at {mask_url(url)} refused a command: {e}") from None
+    return client

@@ -1,0 +1,35 @@
+-- Shared helpers, prepended to every migrator script (see migrator/redisio/scripts.py).
+-- crc32 is the IEEE polynomial, byte-for-byte equal to Python's zlib.crc32 (routing.py has
+-- the test vectors); the table literal is generated so nothing is computed per call.
+local CRC_T = {__CRC_TABLE__}
+local bxor, band, rshift = bit.bxor, bit.band, bit.rshift
+local sbyte = string.byte
+local function crc32(s)
+  local crc = 0xFFFFFFFF
+  for i = 1, #s do
+    crc = bxor(rshift(crc, 8), CRC_T[band(bxor(crc, sbyte(s, i)), 0xFF) + 1])
+  end
+  return bxor(crc, 0xFFFFFFFF) % 4294967296
+end
+local function now_us()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000000 + tonumber(t[2])
+end
+-- Absolute expiry of a key in ms, or nil when it has none. PEXPIRETIME where the server has it
+-- (Redis 7+, Valkey), else PTTL + TIME.
+local function deadline_ms(key)
+  local r = redis.pcall('PEXPIRETIME', key)
+  if type(r) == 'number' then
+    if r > 0 then return r end
+    return nil
+  end
+  local pttl = redis.call('PTTL', key)
+  if pttl > 0 then return math.floor(now_us() / 1000) + pttl end
+  return nil
+end
+-- Give a shard the source's absolute deadline, when the source has one and the shard has none.
+local function follow_ttl(deadline, shard)
+  if deadline and redis.call('PTTL', shard) == -1 then
+    redis.call('PEXPIREAT', shard, deadline)
+  end
+end

@@ -1,0 +1,71 @@
+"""Server-side scripts: loaded from ``lua/``, each prepended with ``lib.lua`` (crc32, time, TTL).
+
+Scripts are registered once per client and run with EVALSHA (redis-py's Script falls back to
+EVAL/SCRIPT LOAD after a restart or failover flushed the script cache).
+"""
+
+from __future__ import annotations
+
+import zlib
+from functools import cache
+from importlib import resources
+from typing import Any
+
+import redis
+from redis.commands.core import Script
+
+NAMES = (
+    "hash_copy",
+    "hash_sync",
+    "hash_verify",
+    "hash_verify_shard",
+    "hash_check",
+    "hash_dual",
+    "delete_step",
+)
+
+
+def _crc_table() -> str:
+    table = []
+    for n in range(256):
+        c = n
+        for _ in range(8):
+            c = (0xEDB88320 ^ (c >> 1)) if c & 1 else (c >> 1)
+        table.append(c)
+    # The generated table must reproduce zlib's checksum; a wrong table would silently misroute.
+    assert zlib.crc32(b"\x01") == _crc_with(table, b"\x01")
+    return ",".join(str(x) for x in table)
+
+
+def _crc_with(table: list[int], data: bytes) -> int:
+    crc = 0xFFFFFFFF
+    for b in data:
+        crc = (crc >> 8) ^ table[(crc ^ b) & 0xFF]
+    return crc ^ 0xFFFFFFFF
+
+
+@cache
+def source(name: str) -> str:
+    """The full Lua source of script ``name`` (lib prepended)."""
+    lua = resources.files("migrator.redisio") / "lua"
+    lib = (lua / "lib.lua").read_text().replace("__CRC_TABLE__", _crc_table())
+    return lib + "\n" + (lua / f"{name}.lua").read_text()
+
+
+class Scripts:
+    """The project's scripts bound to one client; call as ``scripts.hash_copy(keys, args)``."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        self._client = client
+        self._scripts: dict[str, Script] = {n: client.register_script(source(n)) for n in NAMES}
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            script = self.__dict__["_scripts"][name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+        def call(keys: list[str], args: list[Any], client: Any = None) -> Any:
+            return script(keys=keys, args=args, client=client or self._client)
+
+        return call

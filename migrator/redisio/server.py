@@ -1,0 +1,44 @@
+"""What the server is and can do: version, commands present (renamed away or not), memory."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import redis
+
+
+@dataclass(frozen=True)
+class ServerInfo:
+    flavour: str  # "redis" or "valkey"
+    version: str
+    used_memory: int
+    maxmemory: int
+    connected_slaves: int
+
+
+def server_info(client: redis.Redis) -> ServerInfo:
+    info = client.info("server") | client.info("memory") | client.info("replication")
+    flavour = "valkey" if "valkey_version" in info else "redis"
+    version = str(info.get("valkey_version") or info.get("redis_version"))
+    return ServerInfo(
+        flavour=flavour,
+        version=version,
+        used_memory=int(info.get("used_memory", 0)),
+        maxmemory=int(info.get("maxmemory", 0)),
+        connected_slaves=int(info.get("connected_slaves", 0)),
+    )
+
+
+def supports_unlink(client: redis.Redis, probe_key: str) -> bool:
+    """True when UNLINK works here; False where it is missing or renamed away (rename-command).
+
+    Asks by running it on ``probe_key``, a key of ours that does not exist, rather than through
+    COMMAND INFO, whose reply for an unknown name differs between servers and client versions.
+    """
+    try:
+        client.unlink(probe_key)
+    except redis.ResponseError as e:
+        if "unknown command" in str(e).lower():
+            return False
+        raise
+    return True

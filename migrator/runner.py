@@ -1,0 +1,513 @@
+"""Drives one job through its phases: the only place that joins state-store and Redis work.
+
+Every phase change goes store first (checked against the transition table, audited, epoch
+bumped), then the control record is published to Redis, then, where app behaviour must change
+before the runner may go on, the barrier waits for every live shim to acknowledge the epoch. A
+crash between two of these steps is repaired on resume: the runner republishes the control
+record for the stored phase before doing anything else.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import redis
+from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_exponential
+
+from migrator import control
+from migrator.cleaner import KeyRemover
+from migrator.control import ControlRecord
+from migrator.copier import HashCopier
+from migrator.errors import (
+    BarrierTimeout,
+    IllegalTransition,
+    Interrupted,
+    MigratorError,
+    RedisUnavailable,
+    VerificationFailed,
+)
+from migrator.phases import BEFORE_CLEANING, RATIO_PHASES, Phase, phase_for_ratio
+from migrator.redisio import Scripts, connect, supports_unlink
+from migrator.scanloop import Progress, Step, drive
+from migrator.store import Job, Store
+from migrator.throttle import BatchSizer, Controls, Gate, Pacer
+from migrator.verifier import Found, HashVerifier
+
+T = TypeVar("T")
+P = Phase
+
+#: How long a batch is retried through connection errors before the job stops (resumable).
+BATCH_RETRY_S = 30.0
+
+
+@dataclass
+class VerifyReport:
+    run: int
+    source_checked: int = 0
+    shard_checked: int = 0
+    suspects: int = 0
+    confirmed: dict[str, int] = field(default_factory=dict)
+    repaired: int = 0
+
+    @property
+    def clean(self) -> bool:
+        return not any(self.confirmed.values())
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "run": self.run,
+            "source_checked": self.source_checked,
+            "shard_checked": self.shard_checked,
+            "suspects": self.suspects,
+            "confirmed": dict(self.confirmed),
+            "repaired": self.repaired,
+            "clean": self.clean,
+        }
+
+
+def _retry_batch(fn: Callable[[str, int], Step]) -> Callable[[str, int], Step]:
+    """tenacity around one batch: re-run the same step (idempotent) through connection drops."""
+
+    def wrapped(cursor: str, count: int) -> Step:
+        for attempt in Retrying(
+            retry=retry_if_exception_type((redis.ConnectionError, redis.TimeoutError)),
+            stop=stop_after_delay(BATCH_RETRY_S),
+            wait=wait_exponential(multiplier=0.1, max=2.0),
+            reraise=True,
+        ):
+            with attempt:
+                return fn(cursor, count)
+        raise AssertionError("unreachable")
+
+    return wrapped
+
+
+class Runner:
+    def __init__(
+        self,
+        store: Store,
+        name: str,
+        *,
+        stop: threading.Event | None = None,
+        on_progress: Callable[[Progress], None] | None = None,
+        barrier_timeout: float = 60.0,
+        gates: Callable[[Runner], Sequence[Gate]] | None = None,
+        client: redis.Redis | None = None,
+    ) -> None:
+        self.store = store
+        self.name = name
+        self.job = store.get_job(name)
+        self.plan = self.job.plan
+        self.stop = stop or threading.Event()
+        self.on_progress = on_progress
+        self.barrier_timeout = barrier_timeout
+        self.client = client or connect(self.plan.redis.url, name=f"migrator:{name}")
+        self.scripts = Scripts(self.client)
+        self.shard_keys = self.plan.target.shard_keys()
+        self.budget_us = self.plan.copy_.max_command_ms * 1000.0
+        self._gates = gates
+
+    # -- plumbing ---------------------------------------------------------------------------
+    def refresh(self) -> Job:
+        self.job = self.store.get_job(self.name)
+        return self.job
+
+    def record(self) -> ControlRecord:
+        j, p = self.job, self.plan
+        return ControlRecord(
+            job=j.name,
+            phase=j.phase,
+            ratio=j.ratio,
+            epoch=j.epoch,
+            source_key=p.source.key,
+            source_type=p.source.type or "hash",
+            template=p.target.key,
+            shards=p.target.shards,
+            hash=p.target.hash,
+            salt=j.salt,
+            bucketing=p.gray.bucketing,
+            shadow_sample=p.gray.shadow_sample,
+        )
+
+    def publish(self) -> None:
+        control.publish(self.client, self.record())
+
+    def move(self, to: Phase, *, ratio: int | None = None, detail: str | None = None) -> Job:
+        self.job = self.store.transition(self.name, to, ratio=ratio, detail=detail)
+        self.publish()
+        return self.job
+
+    def barrier(self, purpose: str) -> None:
+        """Wait until every live shim has applied the current epoch (SPEC §5)."""
+        epoch = self.job.epoch
+        try:
+            live = control.wait_for_ack(self.client, self.name, epoch, timeout=self.barrier_timeout)
+        except TimeoutError as e:
+            behind = e.args[0]
+            names = ", ".join(f"{i.id} ({i.host} pid {i.pid}, epoch {i.epoch})" for i in behind)
+            msg = (
+                f"barrier for {purpose}: {len(behind)} live app instance(s) did not acknowledge "
+                f"epoch {epoch} within {self.barrier_timeout:g}s: {names}"
+            )
+            self.store.update_job(self.name, last_error=msg)
+            raise BarrierTimeout(msg, hint="check those instances; the step is resumable") from None
+        detail = f"{purpose}: epoch {epoch} acknowledged by {len(live)} live instance(s)"
+        self.store.add_event(self.name, "barrier", to_value=str(epoch), detail=detail)
+
+    def pacer(self) -> Pacer:
+        def controls() -> Controls:
+            j = self.store.get_job(self.name)
+            return Controls(paused=j.paused, rate=j.rate_override)
+
+        gates = list(self._gates(self)) if self._gates else []
+        return Pacer(self.plan.copy_.rate, stop=self.stop, controls=controls, gates=gates)
+
+    def sizer(self) -> BatchSizer:
+        return BatchSizer(self.plan.copy_.batch, self.budget_us)
+
+    def _saver(
+        self, stage: str, extra: Callable[[], dict[str, Any]] | None = None
+    ) -> Callable[[str, int, bool], None]:
+        def save(cursor: str, done: int, finished: bool) -> None:
+            self.store.save_checkpoint(
+                self.job, stage, cursor, done, finished=finished, extra=extra() if extra else None
+            )
+
+        return save
+
+    def _report(self, stage: str) -> Callable[[Progress], None]:
+        def report(p: Progress) -> None:
+            self.store.save_checkpoint(
+                self.job,
+                stage,
+                *self._cursor_of(stage),
+                extra={**self._extra_of(stage), "rate": round(p.rate, 1), "throttle": p.reason},
+            )
+            if self.on_progress:
+                self.on_progress(p)
+
+        return report
+
+    def _cursor_of(self, stage: str) -> tuple[str, int]:
+        cp = self.store.get_checkpoint(self.job, stage)
+        return (cp.cursor, cp.members_done) if cp else ("0", 0)
+
+    def _extra_of(self, stage: str) -> dict[str, Any]:
+        cp = self.store.get_checkpoint(self.job, stage)
+        return dict(cp.extra) if cp else {}
+
+    def _guard(self, work: Callable[[], T], what: str) -> T:
+        """Run ``work``; a Redis failure stops the job with the checkpoint kept."""
+        try:
+            return work()
+        except Interrupted:
+            raise
+        except redis.RedisError as e:
+            msg = f"{what} stopped: Redis error: {e}"
+            self.store.update_job(self.name, last_error=msg)
+            raise RedisUnavailable(
+                msg,
+                hint="the checkpoint is kept; fix the cause and run the "
+                "same command again (or `migrator run`) to resume",
+            ) from None
+
+    # -- forward: plan apply ------------------------------------------------------------------
+    def apply(self) -> Job:
+        """Run the job forward from wherever it is to ``verified`` (resumable at every step)."""
+        self.publish()
+        while True:
+            phase = self.refresh().phase
+            if phase == P.PLANNED:
+                self.move(P.DUAL_WRITE, detail="plan apply")
+            elif phase == P.DUAL_WRITE:
+                self.barrier("dual_write")
+                self.move(P.COPYING)
+            elif phase == P.COPYING:
+                self._guard(self.copy, "copy")
+                self.move(P.VERIFYING)
+            elif phase == P.VERIFYING:
+                report = self._guard(lambda: self.verify(), "verify")
+                if not report.clean:
+                    raise VerificationFailed(
+                        _diff_message(self.name, report),
+                        hint=f"migrator verify {self.name} --show / --repair",
+                    )
+                self.move(P.VERIFIED, detail=f"verify run {report.run} clean")
+            else:
+                return self.job
+
+    def copy(self) -> int:
+        cp = self.store.get_checkpoint(self.job, "copy")
+        if cp and cp.finished:
+            return cp.members_done
+        total = int(self.client.hlen(self.plan.source.key))
+        self.job = self.store.update_job(self.name, total_members=total)
+        copier = HashCopier(
+            self.client, self.scripts, self.plan.source.key, self.shard_keys, self.budget_us
+        )
+        cursor, done = (cp.cursor, cp.members_done) if cp else ("0", 0)
+        if cp:
+            self.store.add_event(
+                self.name,
+                "resume",
+                to_value=cursor,
+                detail=f"copy resumed at cursor {cursor} after {done} members",
+            )
+        return drive(
+            _retry_batch(copier.step),
+            stage="copy",
+            cursor=cursor,
+            done=done,
+            total=total,
+            sizer=self.sizer(),
+            pacer=self.pacer(),
+            save=self._saver("copy"),
+            report=self._report("copy"),
+        )
+
+    # -- verify -----------------------------------------------------------------------------
+    def verify(
+        self, *, rounds: int = 3, delay: float = 0.5, repair: bool = False, fresh: bool = False
+    ) -> VerifyReport:
+        """Diff source and shards both ways; re-check suspects in later rounds; store them all.
+
+        Resumable: the pass position lives in checkpoint ``verify``; suspects live in the
+        ``diffs`` table as they are found.
+        """
+        verifier = HashVerifier(self.client, self.scripts, self.plan.source.key, self.shard_keys)
+        cp = self.store.get_checkpoint(self.job, "verify")
+        if cp is None or cp.finished or fresh or "run" not in cp.extra:
+            run = self.store.last_verify_run(self.job) + 1
+            state: dict[str, Any] = {"run": run, "pass": 0, "source_checked": 0}
+            cursor, done = "0", 0
+            self.store.add_event(self.name, "verify", to_value=str(run), detail="started")
+        else:
+            state = dict(cp.extra)
+            run, cursor, done = int(state["run"]), cp.cursor, cp.members_done
+        report = VerifyReport(run)
+
+        def sink(found: list[Found]) -> None:
+            self.store.add_diffs(self.job, run, found, status="suspect")
+
+        def extra() -> dict[str, Any]:
+            return dict(state)
+
+        save = self._saver("verify", extra)
+        # Pass 0 is the source → shards direction; pass i+1 is shard i → source.
+        total_passes = 1 + len(self.shard_keys)
+        while state["pass"] < total_passes:
+            p = state["pass"]
+            step = verifier.forward(sink) if p == 0 else verifier.backward(p - 1, sink)
+            done = drive(
+                _retry_batch(step),
+                stage="verify",
+                cursor=cursor,
+                done=done,
+                total=self.job.total_members,
+                sizer=self.sizer(),
+                pacer=self.pacer(),
+                save=save,
+                report=self.on_progress and (lambda pr: self.on_progress(pr)),
+            )
+            if p == 0:
+                state["source_checked"] = done
+            state["pass"] = p + 1
+            cursor, done = "0", (done if p > 0 else 0)
+            state["shard_checked"] = done if p > 0 else 0
+            save("0", done, False)
+        report.source_checked = int(state["source_checked"])
+        report.shard_checked = int(state.get("shard_checked", 0))
+        report.suspects = sum(self.store.count_diffs(self.job, run, status="suspect").values())
+
+        for _ in range(max(0, rounds - 1)):
+            if not self.store.count_diffs(self.job, run, status="suspect"):
+                break
+            self.pacer().check_stop()
+            time.sleep(delay)
+            self._recheck(verifier, run, "suspect")
+        # What survived every round is confirmed.
+        self.store.set_diff_status(self.job, run, "suspect", "confirmed")
+        if repair:
+            report.repaired = self._repair(verifier, run)
+        report.confirmed = self.store.count_diffs(self.job, run, status="confirmed")
+        save("0", done, True)
+        self.store.add_event(
+            self.name,
+            "verify",
+            to_value=str(run),
+            detail=f"{'clean' if report.clean else 'differences'}: {report.as_dict()}",
+        )
+        return report
+
+    def _recheck(self, verifier: HashVerifier, run: int, status: str) -> None:
+        from migrator.store import iter_all
+
+        batch: list[Any] = []
+
+        def flush() -> None:
+            still, _ = verifier.recheck([(d.member, d.shard) for d in batch])
+            alive = {(m, s): k for m, k, s in still}
+            self.store.update_diffs(
+                [
+                    (
+                        d.id,
+                        status if (d.member, d.shard) in alive or _moved(d, alive) else "cleared",
+                        alive.get((d.member, d.shard), d.kind),
+                    )
+                    for d in batch
+                ]
+            )
+            batch.clear()
+
+        for d in iter_all(self.store, self.job, run, status=status):
+            batch.append(d)
+            if len(batch) >= 500:
+                flush()
+        if batch:
+            flush()
+
+    def _repair(self, verifier: HashVerifier, run: int) -> int:
+        from migrator.store import iter_all
+
+        copier = HashCopier(
+            self.client, self.scripts, self.plan.source.key, self.shard_keys, self.budget_us
+        )
+        pacer = self.pacer()
+        repaired = 0
+        page: list[Any] = []
+
+        def flush() -> int:
+            pacer.before_batch()
+            for found in {d.shard for d in page}:
+                copier.sync([d.member for d in page if d.shard == found], chunk=50, found=found)
+            still, _ = verifier.recheck([(d.member, d.shard) for d in page])
+            alive = {(m, s) for m, _k, s in still}
+            fixed = [d for d in page if (d.member, d.shard) not in alive]
+            self.store.update_diffs([(d.id, "repaired", d.kind) for d in fixed])
+            pacer.after_batch(len(page))
+            n = len(fixed)
+            page.clear()
+            return n
+
+        for d in list(iter_all(self.store, self.job, run, status="confirmed")):
+            page.append(d)
+            if len(page) >= 200:
+                repaired += flush()
+        if page:
+            repaired += flush()
+        self.store.add_event(
+            self.name, "repair", to_value=str(repaired), detail=f"verify run {run}"
+        )
+        return repaired
+
+    # -- gray / cutover ------------------------------------------------------------------------
+    def set_ratio(self, ratio: int, *, force: bool = False) -> Job:
+        if not 0 <= ratio <= 100:
+            raise IllegalTransition(f"ratio must be 0..100, got {ratio}")
+        job = self.refresh()
+        allowed = RATIO_PHASES | ({P.VERIFYING} if force else frozenset())
+        if job.phase not in allowed:
+            hint = (
+                " (--force skips an unfinished or failed verification)"
+                if job.phase == P.VERIFYING
+                else ""
+            )
+            raise IllegalTransition(
+                f"job {self.name} is in phase {job.phase}; the read ratio can move only once the "
+                f"job is verified{hint}"
+            )
+        target = phase_for_ratio(ratio) if ratio > 0 or job.phase != P.VERIFIED else P.VERIFIED
+        detail = "set-ratio --force" if force and job.phase == P.VERIFYING else "set-ratio"
+        if target == job.phase:
+            self.job = self.store.set_ratio(self.name, ratio, detail=detail)
+            self.publish()
+            return self.job
+        return self.move(target, ratio=ratio, detail=detail)
+
+    # -- rollback ---------------------------------------------------------------------------
+    def rollback(self) -> Job:
+        """Back to old-only: ratio 0, shims stop writing shards (barrier), shards removed."""
+        job = self.refresh()
+        if job.phase in BEFORE_CLEANING:
+            self.move(P.ROLLING_BACK, ratio=0, detail="rollback")
+        elif job.phase != P.ROLLING_BACK:
+            raise IllegalTransition(
+                f"job {self.name} is in phase {job.phase}; rollback is possible only before "
+                "cleanup starts"
+            )
+        self.publish()
+        self.barrier("rollback")
+        self._guard(lambda: self._remove_keys("rollback", self.shard_keys), "rollback")
+        return self.move(P.ROLLED_BACK, detail="shard keys removed")
+
+    # -- cleanup ----------------------------------------------------------------------------
+    def cleanup(self) -> Job:
+        """From cutover: shims stop writing the old key (barrier), then the old key goes."""
+        job = self.refresh()
+        if job.phase == P.CUTOVER:
+            self.move(P.CLEANING, detail="cleanup")
+        elif job.phase != P.CLEANING:
+            raise IllegalTransition(
+                f"job {self.name} is in phase {job.phase}; cleanup starts only from cutover "
+                "(migrator set-ratio 100 first)"
+            )
+        self.publish()
+        self.barrier("cleanup")
+        self._guard(lambda: self._remove_keys("cleanup", [self.plan.source.key]), "cleanup")
+        return self.move(P.DONE, detail="old key removed")
+
+    def removal_mode(self) -> str:
+        mode = self.plan.cleanup.mode
+        if mode == "auto":
+            probe = f"migrator:{{{self.name}}}:unlink-probe"
+            return "unlink" if supports_unlink(self.client, probe) else "hdel"
+        return mode
+
+    def _remove_keys(self, stage: str, keys: list[str]) -> None:
+        remover = KeyRemover(self.client, self.scripts)
+        mode = self.removal_mode()
+        cp = self.store.get_checkpoint(self.job, stage)
+        start = int(cp.extra.get("key", 0)) if cp else 0
+        for index in range(start, len(keys)):
+            key = keys[index]
+            state = {"key": index, "mode": mode}
+            if mode == "unlink":
+                remover.unlink(key)
+            else:
+                cursor, done = (cp.cursor, cp.members_done) if cp and index == start else ("0", 0)
+                # A scan pass can miss members added behind the cursor; repeat until gone.
+                while remover.exists(key):
+                    done = drive(
+                        _retry_batch(remover.delete_steps(key)),
+                        stage=stage,
+                        cursor=cursor,
+                        done=done,
+                        total=None,
+                        sizer=self.sizer(),
+                        pacer=self.pacer(),
+                        save=self._saver(stage, lambda s=state: dict(s)),
+                        report=self.on_progress and (lambda pr: self.on_progress(pr)),
+                    )
+                    cursor = "0"
+            self.store.save_checkpoint(
+                self.job, stage, "0", 0, extra={"key": index + 1, "mode": mode}
+            )
+        self.store.add_event(
+            self.name, stage, to_value=mode, detail=f"{len(keys)} key(s) removed by {mode}"
+        )
+
+
+def _moved(d: Any, alive: dict[tuple[bytes, int], str]) -> bool:
+    return any(m == d.member for m, _s in alive)
+
+
+def _diff_message(name: str, report: VerifyReport) -> str:
+    kinds = ", ".join(f"{n} {k}" for k, n in sorted(report.confirmed.items()) if n)
+    return f"verification of {name} (run {report.run}) confirmed differences: {kinds}"
+
+
+__all__ = ["MigratorError", "Runner", "VerifyReport"]

@@ -1,0 +1,73 @@
+"""The one loop every budgeted scan runs through: copy, verify passes, cleanup, rollback.
+
+``drive`` calls ``step(cursor, batch)`` until the cursor returns to 0, pacing each command,
+adapting the batch to the server-time budget, and handing a checkpoint ``(cursor, done)`` to
+``save`` at most every ``save_every`` seconds and at the end. A checkpoint is only ever a
+cursor whose batch Redis has acknowledged, so resuming from any saved one loses nothing.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from migrator.throttle import BatchSizer, Pacer
+
+
+@dataclass(frozen=True)
+class Step:
+    cursor: str
+    members: int
+    elapsed_us: float
+
+
+@dataclass
+class Progress:
+    stage: str
+    done: int
+    total: int | None
+    rate: float
+    reason: str | None
+
+
+def drive(
+    step: Callable[[str, int], Step],
+    *,
+    stage: str,
+    cursor: str,
+    done: int,
+    total: int | None,
+    sizer: BatchSizer,
+    pacer: Pacer,
+    save: Callable[[str, int, bool], None],
+    report: Callable[[Progress], None] | None = None,
+    save_every: float = 0.25,
+) -> int:
+    """Run ``step`` from ``cursor`` to the end of the scan; return members done."""
+    started, start_done = time.monotonic(), done
+    last_save = time.monotonic()
+    first = True
+    try:
+        while first or cursor != "0":
+            first = False
+            pacer.before_batch()
+            result = step(cursor, sizer.batch)
+            sizer.observe(result.elapsed_us, result.members)
+            cursor, done = result.cursor, done + result.members
+            pacer.after_batch(result.members)
+            now = time.monotonic()
+            if cursor == "0" or now - last_save >= save_every:
+                save(cursor, done, cursor == "0")
+                last_save = now
+                if report:
+                    elapsed = max(now - started, 1e-6)
+                    report(
+                        Progress(stage, done, total, (done - start_done) / elapsed, pacer.reason)
+                    )
+    except BaseException:
+        # Whatever stopped us (a stop request, a Redis error that outlived its retries), the
+        # last acknowledged cursor is kept so the work resumes there.
+        save(cursor, done, False)
+        raise
+    return done

@@ -1,0 +1,25 @@
+"""The state store (SQLAlchemy 2 + Alembic): jobs, checkpoints, audit events, diffs."""
+
+from migrator.store.repository import (
+    DEFAULT_STATE_URL,
+    Checkpoint,
+    Diff,
+    Event,
+    Job,
+    Store,
+    iter_all,
+    open_store,
+    peek_job,
+)
+
+__all__ = [
+    "DEFAULT_STATE_URL",
+    "Checkpoint",
+    "Diff",
+    "Event",
+    "Job",
+    "Store",
+    "iter_all",
+    "open_store",
+    "peek_job",
+]

@@ -1,0 +1,543 @@
+"""The state store: one transaction per method, nothing else touches the tables.
+
+The schema is created and upgraded by Alembic on first use (:func:`open_store`). SQLite is
+the default (``.migrator/state.db``, WAL mode so a running copy and a ``set-ratio`` from
+another shell do not block each other); PostgreSQL URLs work the same.
+"""
+
+from __future__ import annotations
+
+import getpass
+import os
+import secrets
+import socket
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine
+
+from migrator.errors import IllegalTransition, JobNotFound
+from migrator.phases import Phase, check_transition
+from migrator.plan import Plan
+from migrator.store.tables import checkpoints, diffs, events, jobs
+
+DEFAULT_STATE_URL = "sqlite:///.migrator/state.db"
+
+
+def now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def actor() -> tuple[str, str]:
+    """(user, host) recorded with every audited event."""
+    try:
+        user = os.environ.get("MIGRATOR_ACTOR") or getpass.getuser()
+    except Exception:  # no passwd entry in some containers
+        user = f"uid:{os.getuid()}"
+    return user, socket.gethostname()
+
+
+@dataclass(frozen=True)
+class Job:
+    id: int
+    name: str
+    spec: dict[str, Any]
+    spec_hash: str
+    phase: Phase
+    ratio: int
+    epoch: int
+    salt: str
+    paused: bool
+    rate_override: float | None
+    allow_no_instances: bool
+    total_members: int | None
+    last_error: str | None
+    created_at: datetime
+    updated_at: datetime
+    phase_changed_at: datetime
+
+    @property
+    def plan(self) -> Plan:
+        return Plan.from_spec(self.spec)
+
+    @classmethod
+    def from_row(cls, row: Any) -> Job:
+        m = dict(row._mapping)
+        m["phase"] = Phase(m["phase"])
+        for k in ("created_at", "updated_at", "phase_changed_at"):
+            if m[k] is not None and m[k].tzinfo is None:  # SQLite drops the zone
+                m[k] = m[k].replace(tzinfo=timezone.utc)
+        return cls(**m)
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    stage: str
+    cursor: str
+    members_done: int
+    finished: bool
+    extra: dict[str, Any]
+    updated_at: datetime
+
+
+@dataclass(frozen=True)
+class Event:
+    at: datetime
+    kind: str
+    from_value: str | None
+    to_value: str | None
+    actor: str
+    host: str
+    detail: str | None
+
+
+@dataclass(frozen=True)
+class Diff:
+    id: int
+    run: int
+    member: bytes
+    kind: str
+    shard: int
+    status: str
+
+
+def _engine(url: str) -> Engine:
+    if url.startswith("sqlite:///") and not url.startswith("sqlite:///:memory:"):
+        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    engine = sa.create_engine(url, future=True, pool_pre_ping=True)
+    if engine.dialect.name == "sqlite":
+
+        @sa.event.listens_for(engine, "connect")
+        def _pragmas(dbapi_conn: Any, _: Any) -> None:
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA synchronous=NORMAL")
+            cur.execute("PRAGMA busy_timeout=10000")
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.close()
+
+    return engine
+
+
+def _alembic_config(connection: Connection) -> Any:
+    from alembic.config import Config
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(resources.files("migrations_state")))
+    cfg.attributes["connection"] = connection
+    return cfg
+
+
+def _head() -> str:
+    from alembic.script import ScriptDirectory
+
+    cfg = _alembic_config(None)  # type: ignore[arg-type]
+    return ScriptDirectory.from_config(cfg).get_current_head() or ""
+
+
+def _current(conn: Connection) -> str | None:
+    from alembic.runtime.migration import MigrationContext
+
+    return MigrationContext.configure(conn).get_current_revision()
+
+
+def state_exists(url: str) -> bool:
+    """True when the store at ``url`` already holds a schema; never creates anything."""
+    if url.startswith("sqlite:///"):
+        path = url.removeprefix("sqlite:///")
+        if path != ":memory:" and not Path(path).exists():
+            return False
+    engine = sa.create_engine(url)
+    try:
+        with engine.connect() as conn:
+            return sa.inspect(conn).has_table("jobs")
+    finally:
+        engine.dispose()
+
+
+def open_store(url: str | None = None) -> Store:
+    """Open (and on first use create or upgrade, through Alembic) the store at ``url``."""
+    url = url or os.environ.get("MIGRATOR_STATE_URL") or DEFAULT_STATE_URL
+    engine = _engine(url)
+    with engine.begin() as conn:
+        if _current(conn) != _head():
+            from alembic import command
+
+            command.upgrade(_alembic_config(conn), "head")
+    return Store(engine, url)
+
+
+def peek_job(url: str | None, name: str) -> Job | None:
+    """The job ``name`` if the store exists and holds it; creates and writes nothing."""
+    url = url or os.environ.get("MIGRATOR_STATE_URL") or DEFAULT_STATE_URL
+    if not state_exists(url):
+        return None
+    engine = sa.create_engine(url)
+    try:
+        with engine.connect() as conn:
+            row = conn.execute(sa.select(jobs).where(jobs.c.name == name)).first()
+            return Job.from_row(row) if row else None
+    finally:
+        engine.dispose()
+
+
+class Store:
+    def __init__(self, engine: Engine, url: str) -> None:
+        self.engine = engine
+        self.url = url
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    # -- jobs ---------------------------------------------------------------------------
+    def _job(self, conn: Connection, name: str) -> Job:
+        row = conn.execute(sa.select(jobs).where(jobs.c.name == name)).first()
+        if row is None:
+            raise JobNotFound(f"no job named {name!r} in the state store {self.url}")
+        return Job.from_row(row)
+
+    def get_job(self, name: str) -> Job:
+        with self.engine.connect() as conn:
+            return self._job(conn, name)
+
+    def list_jobs(self) -> list[Job]:
+        with self.engine.connect() as conn:
+            return [Job.from_row(r) for r in conn.execute(sa.select(jobs).order_by(jobs.c.id))]
+
+    def create_job(self, plan: Plan, *, allow_no_instances: bool = False) -> Job:
+        t = now()
+        with self.engine.begin() as conn:
+            job_id = conn.execute(
+                jobs.insert().values(
+                    name=plan.name,
+                    spec=plan.spec(),
+                    spec_hash=plan.spec_hash(),
+                    phase=Phase.PLANNED.value,
+                    ratio=0,
+                    epoch=1,
+                    salt=secrets.token_hex(8),
+                    paused=False,
+                    rate_override=None,
+                    allow_no_instances=allow_no_instances,
+                    total_members=None,
+                    last_error=None,
+                    created_at=t,
+                    updated_at=t,
+                    phase_changed_at=t,
+                )
+            ).inserted_primary_key[0]
+            self._event(conn, job_id, "created", None, Phase.PLANNED.value, plan.spec_hash())
+            if allow_no_instances:
+                self._event(
+                    conn, job_id, "flag", None, "allow_no_instances", "apply --allow-no-instances"
+                )
+            return self._job(conn, plan.name)
+
+    def transition(
+        self,
+        name: str,
+        to: Phase,
+        *,
+        ratio: int | None = None,
+        detail: str | None = None,
+        expect: Phase | None = None,
+    ) -> Job:
+        """Move ``name`` to phase ``to`` (checked against the table), bump the epoch, audit it.
+
+        ``expect`` guards against a concurrent change: the update applies only if the phase is
+        still the one read (or ``expect``).
+        """
+        with self.engine.begin() as conn:
+            job = self._job(conn, name)
+            current = expect or job.phase
+            if job.phase != current:
+                raise IllegalTransition(f"job {name} is in phase {job.phase}, not {current}")
+            check_transition(job.phase, to)
+            values: dict[str, Any] = {
+                "phase": to.value,
+                "epoch": job.epoch + 1,
+                "updated_at": now(),
+                "phase_changed_at": now(),
+                "last_error": None,
+            }
+            if ratio is not None:
+                values["ratio"] = ratio
+            res = conn.execute(
+                jobs.update()
+                .where(jobs.c.id == job.id, jobs.c.phase == job.phase.value)
+                .values(**values)
+            )
+            if res.rowcount != 1:
+                raise IllegalTransition(f"job {name} changed phase concurrently; try again")
+            if to != job.phase:
+                self._event(conn, job.id, "phase", job.phase.value, to.value, detail)
+            if ratio is not None and ratio != job.ratio:
+                self._event(conn, job.id, "ratio", str(job.ratio), str(ratio), detail)
+            return self._job(conn, name)
+
+    def reset_for_reapply(self, name: str, plan: Plan) -> Job:
+        """A rolled-back job applied again: back to planned with fresh checkpoints."""
+        with self.engine.begin() as conn:
+            job = self._job(conn, name)
+            check_transition(job.phase, Phase.PLANNED)
+            conn.execute(checkpoints.delete().where(checkpoints.c.job_id == job.id))
+            conn.execute(
+                jobs.update()
+                .where(jobs.c.id == job.id)
+                .values(
+                    phase=Phase.PLANNED.value,
+                    ratio=0,
+                    epoch=job.epoch + 1,
+                    spec=plan.spec(),
+                    spec_hash=plan.spec_hash(),
+                    updated_at=now(),
+                    phase_changed_at=now(),
+                    last_error=None,
+                    total_members=None,
+                )
+            )
+            self._event(
+                conn, job.id, "phase", job.phase.value, Phase.PLANNED.value, "applied again"
+            )
+            return self._job(conn, name)
+
+    def update_job(self, name: str, *, audit: str | None = None, **values: Any) -> Job:
+        """Set plain fields (paused, rate_override, total_members, last_error, ...).
+
+        ``audit`` names the change for the audit trail (pause, resume, set-rate, ...).
+        """
+        with self.engine.begin() as conn:
+            job = self._job(conn, name)
+            conn.execute(
+                jobs.update().where(jobs.c.id == job.id).values(updated_at=now(), **values)
+            )
+            if audit:
+                key = next(iter(values))
+                old = getattr(job, key)
+                self._event(conn, job.id, audit, _s(old), _s(values[key]), None)
+            return self._job(conn, name)
+
+    def set_ratio(self, name: str, ratio: int, *, detail: str | None = None) -> Job:
+        """Change the ratio within the current phase (gray → gray); bumps the epoch, audited."""
+        with self.engine.begin() as conn:
+            job = self._job(conn, name)
+            conn.execute(
+                jobs.update()
+                .where(jobs.c.id == job.id)
+                .values(ratio=ratio, epoch=job.epoch + 1, updated_at=now())
+            )
+            if ratio != job.ratio:
+                self._event(conn, job.id, "ratio", str(job.ratio), str(ratio), detail)
+            return self._job(conn, name)
+
+    def bump_epoch(self, name: str) -> Job:
+        with self.engine.begin() as conn:
+            job = self._job(conn, name)
+            conn.execute(jobs.update().where(jobs.c.id == job.id).values(epoch=job.epoch + 1))
+            return self._job(conn, name)
+
+    # -- checkpoints --------------------------------------------------------------------
+    def get_checkpoint(self, job: Job, stage: str) -> Checkpoint | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(
+                sa.select(checkpoints).where(
+                    checkpoints.c.job_id == job.id, checkpoints.c.stage == stage
+                )
+            ).first()
+        if row is None:
+            return None
+        return Checkpoint(
+            row.stage, row.cursor, row.members_done, row.finished, row.extra or {}, row.updated_at
+        )
+
+    def save_checkpoint(
+        self,
+        job: Job,
+        stage: str,
+        cursor: str,
+        members_done: int,
+        *,
+        finished: bool = False,
+        extra: dict[str, Any] | None = None,
+    ) -> None:
+        with self.engine.begin() as conn:
+            values = {
+                "cursor": cursor,
+                "members_done": members_done,
+                "finished": finished,
+                "extra": extra or {},
+                "updated_at": now(),
+            }
+            res = conn.execute(
+                checkpoints.update()
+                .where(checkpoints.c.job_id == job.id, checkpoints.c.stage == stage)
+                .values(**values)
+            )
+            if res.rowcount == 0:
+                conn.execute(checkpoints.insert().values(job_id=job.id, stage=stage, **values))
+
+    def clear_checkpoint(self, job: Job, stage: str) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(
+                checkpoints.delete().where(
+                    checkpoints.c.job_id == job.id, checkpoints.c.stage == stage
+                )
+            )
+
+    # -- events -------------------------------------------------------------------------
+    def _event(
+        self,
+        conn: Connection,
+        job_id: int,
+        kind: str,
+        from_value: str | None,
+        to_value: str | None,
+        detail: str | None,
+    ) -> None:
+        user, host = actor()
+        conn.execute(
+            events.insert().values(
+                job_id=job_id,
+                at=now(),
+                kind=kind,
+                from_value=from_value,
+                to_value=to_value,
+                actor=user,
+                host=host,
+                detail=detail,
+            )
+        )
+
+    def add_event(
+        self,
+        name: str,
+        kind: str,
+        *,
+        from_value: str | None = None,
+        to_value: str | None = None,
+        detail: str | None = None,
+    ) -> None:
+        with self.engine.begin() as conn:
+            self._event(conn, self._job(conn, name).id, kind, from_value, to_value, detail)
+
+    def history(self, name: str) -> list[Event]:
+        with self.engine.connect() as conn:
+            job = self._job(conn, name)
+            rows = conn.execute(
+                sa.select(events).where(events.c.job_id == job.id).order_by(events.c.id)
+            )
+            return [
+                Event(_utc(r.at), r.kind, r.from_value, r.to_value, r.actor, r.host, r.detail)
+                for r in rows
+            ]
+
+    # -- diffs --------------------------------------------------------------------------
+    def add_diffs(
+        self,
+        job: Job,
+        run: int,
+        found: Sequence[tuple[bytes, str, int]],
+        *,
+        status: str = "suspect",
+    ) -> None:
+        """Record differences of verify run ``run``. Statuses: suspect (seen once), cleared
+        (gone on re-check), confirmed (survived every round), repaired."""
+        if not found:
+            return
+        t = now()
+        with self.engine.begin() as conn:
+            conn.execute(
+                diffs.insert(),
+                [
+                    {
+                        "job_id": job.id,
+                        "run": run,
+                        "member": m,
+                        "kind": k,
+                        "shard": s,
+                        "status": status,
+                        "found_at": t,
+                    }
+                    for m, k, s in found
+                ],
+            )
+
+    def update_diffs(self, updates: Sequence[tuple[int, str, str]]) -> None:
+        """(id, status, kind) for each re-checked difference."""
+        if not updates:
+            return
+        with self.engine.begin() as conn:
+            conn.execute(
+                diffs.update()
+                .where(diffs.c.id == sa.bindparam("b_id"))
+                .values(status=sa.bindparam("b_status"), kind=sa.bindparam("b_kind")),
+                [{"b_id": i, "b_status": st, "b_kind": k} for i, st, k in updates],
+            )
+
+    def set_diff_status(self, job: Job, run: int, old: str, new: str) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(
+                diffs.update()
+                .where(diffs.c.job_id == job.id, diffs.c.run == run, diffs.c.status == old)
+                .values(status=new)
+            )
+
+    def last_verify_run(self, job: Job) -> int:
+        with self.engine.connect() as conn:
+            return conn.execute(
+                sa.select(sa.func.coalesce(sa.func.max(diffs.c.run), 0)).where(
+                    diffs.c.job_id == job.id
+                )
+            ).scalar_one()
+
+    def iter_diffs(
+        self, job: Job, run: int, *, status: str | None = None, after_id: int = 0, limit: int = 1000
+    ) -> list[Diff]:
+        q = sa.select(diffs).where(
+            diffs.c.job_id == job.id, diffs.c.run == run, diffs.c.id > after_id
+        )
+        if status:
+            q = q.where(diffs.c.status == status)
+        with self.engine.connect() as conn:
+            rows = conn.execute(q.order_by(diffs.c.id).limit(limit))
+            return [Diff(r.id, r.run, bytes(r.member), r.kind, r.shard, r.status) for r in rows]
+
+    def count_diffs(self, job: Job, run: int, *, status: str | None = None) -> dict[str, int]:
+        q = (
+            sa.select(diffs.c.kind, sa.func.count())
+            .where(diffs.c.job_id == job.id, diffs.c.run == run)
+            .group_by(diffs.c.kind)
+        )
+        if status:
+            q = q.where(diffs.c.status == status)
+        with self.engine.connect() as conn:
+            return {k: n for k, n in conn.execute(q)}
+
+    def mark_diffs(self, ids: Sequence[int], status: str) -> None:
+        if not ids:
+            return
+        with self.engine.begin() as conn:
+            conn.execute(diffs.update().where(diffs.c.id.in_(list(ids))).values(status=status))
+
+
+def _s(v: Any) -> str | None:
+    return None if v is None else str(v)
+
+
+def _utc(t: datetime) -> datetime:
+    return t.replace(tzinfo=timezone.utc) if t.tzinfo is None else t
+
+
+def iter_all(store: Store, job: Job, run: int, status: str | None = None) -> Iterator[Diff]:
+    after = 0
+    while True:
+        page = store.iter_diffs(job, run, status=status, after_id=after)
+        if not page:
+            return
+        yield from page
+        after = page[-1].id

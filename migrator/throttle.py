@@ -1,0 +1,165 @@
+"""Pacing of runner work: the members/s ceiling, the server-time budget, and pauses.
+
+Every loop the runner drives (copy, verify, cleanup, rollback) calls
+``pacer.before_batch()`` and ``pacer.after_batch(members, elapsed_us)`` around each command.
+
+* :class:`BatchSizer` keeps each command inside the server-time budget: the scripts report
+  their own server time (TIME inside the script), an overrun shrinks the next batch at once,
+  a comfortable margin grows it back slowly, never above the plan's ``copy.batch``.
+* :class:`RateLimiter` is a token bucket for ``copy.rate`` (or a live ``set-rate``).
+* :class:`Pacer` asks its :class:`Gate` objects whether to pause (operator pause, pause file,
+  memory, latency, replica lag) and reports the active reason for ``status``.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from migrator.errors import Interrupted
+
+
+class BatchSizer:
+    """Members per command, adapted so that each command stays within ``budget_us``."""
+
+    def __init__(self, max_batch: int, budget_us: float, start: int | None = None) -> None:
+        self.max_batch = max(1, max_batch)
+        self.budget_us = budget_us
+        self.batch = max(1, min(self.max_batch, start or min(self.max_batch, 64)))
+        self.overruns = 0
+
+    def observe(self, elapsed_us: float, members: int) -> None:
+        if members <= 0:
+            return
+        per_member = max(elapsed_us / members, 0.05)
+        # Aim at 60% of the budget: the per-member cost varies with value sizes and collisions.
+        target = int(0.6 * self.budget_us / per_member)
+        if elapsed_us > self.budget_us:
+            self.overruns += 1
+            self.batch = max(1, min(target, self.batch // 2))
+        elif elapsed_us < 0.4 * self.budget_us:
+            self.batch = min(
+                self.max_batch, max(self.batch + 1, min(target, int(self.batch * 1.25)))
+            )
+
+
+class RateLimiter:
+    """Token bucket: at most ``rate`` members per second on average (0 = unlimited)."""
+
+    def __init__(self, rate: float) -> None:
+        self.rate = rate
+        self._allowance = 0.0
+        self._last = time.monotonic()
+
+    def set_rate(self, rate: float) -> None:
+        self.rate = rate
+
+    def delay_for(self, members: int) -> float:
+        """Account for ``members`` just done; return how long to sleep to respect the rate."""
+        if self.rate <= 0:
+            self._last = time.monotonic()
+            return 0.0
+        now = time.monotonic()
+        # Allow a burst of at most a quarter second's worth of members.
+        self._allowance = min(self.rate * 0.25, self._allowance + (now - self._last) * self.rate)
+        self._last = now
+        self._allowance -= members
+        return 0.0 if self._allowance >= 0 else -self._allowance / self.rate
+
+
+@dataclass(frozen=True)
+class Controls:
+    """The operator's live controls for one job, read from the state store."""
+
+    paused: bool = False
+    rate: float | None = None  # set-rate override; None = the plan's copy.rate
+
+
+class Gate:
+    """One reason to hold the work. ``check()`` returns a reason to pause, or None to go on.
+
+    Contract: cheap (called at most every ``interval`` seconds), never raises for a transient
+    condition (return a reason instead).
+    """
+
+    interval = 0.5
+
+    def check(self) -> str | None:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+class Pacer:
+    """Paces one loop of batches: rate ceiling, gates, live controls and the stop signal."""
+
+    def __init__(
+        self,
+        rate: float,
+        *,
+        stop: threading.Event | None = None,
+        controls: Callable[[], Controls] | None = None,
+        gates: Sequence[Gate] = (),
+        controls_interval: float = 0.25,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self.plan_rate = rate
+        self.limiter = RateLimiter(rate)
+        self.stop = stop or threading.Event()
+        self._controls = controls
+        self._gates = list(gates)
+        self._controls_interval = controls_interval
+        self._sleep = sleep
+        self._next_controls = 0.0
+        self._next_gate: dict[int, float] = {}
+        self._gate_reason: dict[int, str | None] = {}
+        self.paused_by_operator = False
+        self.reason: str | None = None
+        self.rate_reason: str | None = None
+
+    def _refresh_controls(self) -> None:
+        if self._controls is None:
+            return
+        now = time.monotonic()
+        if now < self._next_controls:
+            return
+        self._next_controls = now + self._controls_interval
+        c = self._controls()
+        self.paused_by_operator = c.paused
+        self.limiter.set_rate(self.plan_rate if c.rate is None else c.rate)
+
+    def _gate_reasons(self) -> list[str]:
+        now = time.monotonic()
+        for i, g in enumerate(self._gates):
+            if now >= self._next_gate.get(i, 0.0):
+                self._next_gate[i] = now + g.interval
+                self._gate_reason[i] = g.check()
+        return [r for r in self._gate_reason.values() if r]
+
+    def check_stop(self) -> None:
+        if self.stop.is_set():
+            raise Interrupted("stopped on request after the last acknowledged batch")
+
+    def before_batch(self, on_wait: Callable[[str], None] | None = None) -> None:
+        """Return when the next batch may run; raise Interrupted when a stop was requested."""
+        while True:
+            self.check_stop()
+            self._refresh_controls()
+            reasons = ["paused by operator"] if self.paused_by_operator else []
+            reasons += self._gate_reasons()
+            if not reasons:
+                self.reason = self.rate_reason
+                return
+            self.reason = "; ".join(reasons)
+            if on_wait:
+                on_wait(self.reason)
+            self.stop.wait(0.1)
+
+    def after_batch(self, members: int) -> None:
+        delay = self.limiter.delay_for(members)
+        self.rate_reason = f"rate ceiling {self.limiter.rate:g}/s" if delay > 0 else None
+        if delay > 0:
+            # Sleep in short slices so that stop, pause and set-rate act within a second.
+            end = time.monotonic() + delay
+            while (left := end - time.monotonic()) > 0 and not self.stop.is_set():
+                self._sleep(min(left, 0.1))
