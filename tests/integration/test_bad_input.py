@@ -1,0 +1,90 @@
+"""Bad plans and bad targets: one clear message, exit 2, nothing written to Redis or the store."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import redis
+
+from tests.conftest import run_cli
+from tests.integration.helpers import seed_hash, write_plan
+from tests.servers import RedisServer, free_port
+
+
+def _snapshot(r: redis.Redis) -> dict[bytes, bytes]:
+    return {k: r.type(k) for k in r.scan_iter(count=1000)}
+
+
+def _assert_refused(res, needle: str, state_db: Path) -> None:  # type: ignore[no-untyped-def]
+    assert res.returncode == 2, (res.returncode, res.stdout, res.stderr)
+    assert needle in res.stderr, res.stderr
+    assert "Traceback" not in res.stderr
+    assert res.stderr.count("error:") == 1
+    assert not state_db.exists(), "the state store was written"
+
+
+PLAN_CASES = {
+    "broken-yaml": ("name: [oops\n", "not valid YAML"),
+    "missing-field": ("name: a\nsource: {key: k}\n", "target: field required"),
+    "unknown-field": ("name: a\nsource: {key: k}\ntarget: {key: 'x:{shard}', shards: 4}\nextra: 1\n",
+                      "extra: unknown field"),
+    "bad-name": ("name: Not_OK\nsource: {key: k}\ntarget: {key: 'x:{shard}', shards: 4}\n",
+                 "is not a job name"),
+    "no-shard-placeholder": ("name: a\nsource: {key: k}\ntarget: {key: 'x:y', shards: 4}\n",
+                             "must contain {shard}"),
+    "one-shard": ("name: a\nsource: {key: k}\ntarget: {key: 'x:{shard}', shards: 1}\n",
+                  "target.shards"),
+    "unknown-hash": ("name: a\nsource: {key: k}\ntarget: {key: 'x:{shard}', shards: 4, "
+                     "hash: sha1}\n", "unknown hash function 'sha1'"),
+    "unset-env": ("name: a\nredis: {url: '${MIGRATOR_TEST_UNSET_VAR}'}\nsource: {key: k}\n"
+                  "target: {key: 'x:{shard}', shards: 4}\n", "${MIGRATOR_TEST_UNSET_VAR} is not set"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(PLAN_CASES))
+def test_bad_plan_is_refused(case: str, tmp_path: Path) -> None:
+    text, needle = PLAN_CASES[case]
+    plan = tmp_path / "plan.yaml"
+    plan.write_text(text)
+    for verb in (["plan", "validate"], ["plan", "apply"]):
+        res = run_cli(*verb, str(plan), cwd=tmp_path)
+        _assert_refused(res, needle, tmp_path / ".migrator" / "state.db")
+
+
+def test_missing_plan_file(tmp_path: Path) -> None:
+    res = run_cli("plan", "apply", str(tmp_path / "nope.yaml"), cwd=tmp_path)
+    _assert_refused(res, "cannot read plan file", tmp_path / ".migrator" / "state.db")
+
+
+@pytest.mark.parametrize("case", ["missing-source", "wrong-type", "shard-exists", "no-instances"])
+def test_bad_target_is_refused(case: str, redis_server: RedisServer, r: redis.Redis,
+                               tmp_path: Path) -> None:
+    flags = ["--allow-no-instances"]
+    if case == "missing-source":
+        needle = "source key 'big:hash' does not exist"
+    elif case == "wrong-type":
+        r.rpush("big:hash", "x")
+        needle = "is a list"
+    elif case == "shard-exists":
+        seed_hash(r, "big:hash", 100)
+        r.set("big:3", "taken")
+        needle = "shard key(s) of target.key 'big:{shard}' already exist: 'big:3'"
+    else:
+        seed_hash(r, "big:hash", 100)
+        flags = []
+        needle = "no live application instance"
+    before = _snapshot(r)
+    plan = write_plan(tmp_path / "p.yaml", redis_server.url)
+    res = run_cli("plan", "apply", str(plan), *flags, cwd=tmp_path)
+    _assert_refused(res, needle, tmp_path / ".migrator" / "state.db")
+    assert _snapshot(r) == before, "Redis was written"
+
+
+def test_unreachable_server_is_a_clear_message(tmp_path: Path) -> None:
+    plan = write_plan(tmp_path / "p.yaml", f"redis://127.0.0.1:{free_port()}/0")
+    res = run_cli("plan", "apply", str(plan), "--allow-no-instances", cwd=tmp_path)
+    assert res.returncode == 1
+    assert "cannot reach Redis at redis://127.0.0.1:" in res.stderr
+    assert "Traceback" not in res.stderr
+    assert not (tmp_path / ".migrator" / "state.db").exists()

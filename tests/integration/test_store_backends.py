@@ -1,0 +1,80 @@
+"""The state store behaves the same on SQLite and PostgreSQL (APScheduler's jobstore-test
+pattern: one fixture parametrised over every backend). PostgreSQL runs when
+MIGRATOR_TEST_POSTGRES_URL is set (scripts/test sets it when a server answers)."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from migrator.errors import IllegalTransition, JobNotFound
+from migrator.phases import Phase
+from migrator.plan import parse_plan
+from migrator.store import open_store, peek_job
+
+PG = os.environ.get("MIGRATOR_TEST_POSTGRES_URL")
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def backend_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path}/state.db"
+        return
+    if not PG:
+        pytest.skip("PostgreSQL: set MIGRATOR_TEST_POSTGRES_URL to run the store on it")
+    schema = f"t_{uuid.uuid4().hex[:10]}"
+    engine = sa.create_engine(PG)
+    with engine.begin() as conn:
+        conn.execute(sa.text(f"CREATE SCHEMA {schema}"))
+    sep = "&" if "?" in PG else "?"
+    yield f"{PG}{sep}options=-csearch_path%3D{schema}"
+    with engine.begin() as conn:
+        conn.execute(sa.text(f"DROP SCHEMA {schema} CASCADE"))
+    engine.dispose()
+
+
+PLAN = parse_plan("name: s-job\nsource: {key: k}\ntarget: {key: 'x:{shard}', shards: 4}\n", env={})
+
+
+def test_peek_writes_nothing_then_open_migrates(backend_url: str) -> None:
+    assert peek_job(backend_url, "s-job") is None
+    store = open_store(backend_url)
+    try:
+        job = store.create_job(PLAN)
+        assert peek_job(backend_url, "s-job") == job
+        assert open_store(backend_url).get_job("s-job") == job  # second open: no re-migration
+    finally:
+        store.close()
+
+
+def test_transitions_checkpoints_events_diffs(backend_url: str) -> None:
+    store = open_store(backend_url)
+    try:
+        job = store.create_job(PLAN, allow_no_instances=True)
+        job = store.transition("s-job", Phase.DUAL_WRITE)
+        assert job.epoch == 2
+        with pytest.raises(IllegalTransition):
+            store.transition("s-job", Phase.VERIFIED)
+        with pytest.raises(JobNotFound):
+            store.get_job("other")
+        store.save_checkpoint(job, "copy", "1234", 500, extra={"rate": 10.0})
+        store.save_checkpoint(job, "copy", "99", 900)
+        cp = store.get_checkpoint(job, "copy")
+        assert cp is not None and (cp.cursor, cp.members_done, cp.finished) == ("99", 900, False)
+        store.add_diffs(job, 1, [(b"m\xff1", "value_differs", 3), (b"m2", "missing_in_shard", 1)])
+        assert store.count_diffs(job, 1) == {"value_differs": 1, "missing_in_shard": 1}
+        store.set_diff_status(job, 1, "suspect", "confirmed")
+        assert store.count_diffs(job, 1, status="confirmed") == {
+            "value_differs": 1, "missing_in_shard": 1}
+        assert {d.member for d in store.iter_diffs(job, 1)} == {b"m\xff1", b"m2"}
+        kinds = [(e.kind, e.from_value, e.to_value) for e in store.history("s-job")]
+        assert kinds[:3] == [("created", None, "planned"), ("flag", None, "allow_no_instances"),
+                             ("phase", "planned", "dual_write")]
+        assert all(e.actor and e.host for e in store.history("s-job"))
+    finally:
+        store.close()

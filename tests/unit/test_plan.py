@@ -1,0 +1,68 @@
+from __future__ import annotations
+
+import pytest
+
+from migrator.errors import PlanError
+from migrator.plan import mask_url, parse_duration, parse_plan
+
+GOOD = """
+name: user-info-split
+redis:
+  url: ${REDIS_URL:-redis://127.0.0.1:6379/0}
+source: {key: "user:info:all", type: hash}
+target: {key: "user:info:{shard}", shards: 100}
+cleanup: {after: 7d}
+"""
+
+
+def test_good_plan_resolves_defaults_and_env() -> None:
+    p = parse_plan(GOOD, env={})
+    assert p.redis.url == "redis://127.0.0.1:6379/0"
+    assert p.target.hash == "crc32"
+    assert p.copy_.batch == 500 and p.copy_.max_command_ms == 1.0
+    assert p.cleanup.after == 7 * 86400
+    assert p.target.shard_key(7) == "user:info:7"
+    p2 = parse_plan(GOOD, env={"REDIS_URL": "redis://h:1/2"})
+    assert p2.redis.url == "redis://h:1/2"
+    assert p.spec_hash() != p2.spec_hash()
+
+
+def test_secrets_are_masked() -> None:
+    p = parse_plan(GOOD, env={"REDIS_URL": "redis://app:s3cret@h:6379/0"})
+    assert "s3cret" not in str(p.masked())
+    assert p.masked()["redis"]["url"] == "redis://app:***@h:6379/0"
+    assert mask_url("redis://h:1/0") == "redis://h:1/0"
+
+
+@pytest.mark.parametrize(
+    ("text", "needle"),
+    [
+        ("name: [unclosed", "not valid YAML"),
+        ("- a list", "YAML mapping"),
+        (GOOD.replace("name: user-info-split", "name: Bad_Name"), "name: 'Bad_Name' is not a job name"),
+        (GOOD.replace("name: user-info-split\n", ""), "name: field required"),
+        (GOOD + "surprise: 1\n", "surprise: unknown field"),
+        (GOOD.replace("user:info:{shard}", "user:info:x"), "target.key: must contain {shard}"),
+        (GOOD.replace("shards: 100", "shards: 1"), "target.shards"),
+        (GOOD.replace("shards: 100}", "shards: 100, hash: md5}"), "unknown hash function 'md5'"),
+        (GOOD.replace("${REDIS_URL:-redis://127.0.0.1:6379/0}", "${NOPE_VAR}"),
+         "redis.url: environment variable ${NOPE_VAR} is not set"),
+        (GOOD.replace("after: 7d", "after: soon"), "cleanup.after"),
+        (GOOD.replace("type: hash", "type: list"), "source.type"),
+        (GOOD.replace("${REDIS_URL:-redis://127.0.0.1:6379/0}", "http://x"), "unsupported scheme"),
+    ],
+)
+def test_bad_plans_name_what_is_wrong(text: str, needle: str) -> None:
+    with pytest.raises(PlanError) as e:
+        parse_plan(text, env={})
+    assert needle in str(e.value)
+    assert e.value.exit_code == 2
+
+
+def test_durations() -> None:
+    assert parse_duration(0) == 0
+    assert parse_duration("2s") == 2
+    assert parse_duration("15m") == 900
+    assert parse_duration("250ms") == 0.25
+    with pytest.raises(ValueError):
+        parse_duration(-1)
