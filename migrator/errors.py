@@ -13,7 +13,12 @@ The tree (exit code in brackets)::
     ├── RedisUnavailable               [1]  the server cannot be reached or refused us
     ├── BarrierTimeout                 [1]  live app instances did not acknowledge an epoch in time
     ├── Interrupted                    [1]  SIGINT/SIGTERM: the batch finished, checkpoint kept
-    └── VerificationFailed             [3]  confirmed differences remain between old and shards
+    ├── JobBusy                        [1]  another runner process holds the job's lease
+    ├── VerificationFailed             [3]  confirmed differences remain between old and shards
+    └── ShimError                      [1]  raised inside applications (migrator/shim/errors.py)
+        ├── ShimNotConfigured               no control record yet and no source_key given
+        ├── ShimWrongType                   the job's source is not a hash
+        └── ShimClosed                      the router was closed
 
 Errors become exit codes in exactly one place: :func:`migrator.cli.main`.
 """
@@ -71,6 +76,11 @@ class BarrierTimeout(MigratorError):
 
 class Interrupted(MigratorError):
     """A stop was requested; the current batch finished and its checkpoint is committed."""
+
+
+class JobBusy(MigratorError):
+    """Another runner process (plan apply, verify, cleanup, `migrator run`, ...) is working
+    the job; one process at a time holds its lease."""
 
 
 class VerificationFailed(MigratorError):

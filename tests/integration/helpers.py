@@ -10,8 +10,15 @@ import redis
 from migrator.routing import shard_of
 
 
-def write_plan(path: Path, url: str, *, name: str = "t-job", source: str = "big:hash",
-               shards: int = 8, extra: str = "") -> Path:
+def write_plan(
+    path: Path,
+    url: str,
+    *,
+    name: str = "t-job",
+    source: str = "big:hash",
+    shards: int = 8,
+    extra: str = "",
+) -> Path:
     path.write_text(
         f"name: {name}\n"
         f"redis: {{url: '{url}'}}\n"
@@ -45,7 +52,9 @@ def read_shards(r: redis.Redis, template: str, shards: int) -> dict[bytes, bytes
     out: dict[bytes, bytes] = {}
     for i in range(shards):
         for k, v in read_hash(r, template.replace("{shard}", str(i))).items():
-            assert shard_of(k, shards) == i, f"{k!r} is in shard {i}, routes to {shard_of(k, shards)}"
+            assert shard_of(k, shards) == i, (
+                f"{k!r} is in shard {i}, routes to {shard_of(k, shards)}"
+            )
             assert k not in out
             out[k] = v
     return out

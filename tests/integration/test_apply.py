@@ -25,7 +25,8 @@ from tests.servers import RedisServer
 
 def test_lua_crc32_routes_like_python(r: redis.Redis) -> None:
     members = [b"", b"a", b"user:1", b"123456789", "ünï".encode(), bytes(range(256))] + [
-        os.urandom(n) for n in range(1, 60)]
+        os.urandom(n) for n in range(1, 60)
+    ]
     r.hset("src", mapping={m or b"\x00empty": b"v" for m in members})
     shard_keys = [f"s:{i}" for i in range(13)]
     Scripts(r).hash_copy(["src", *shard_keys], ["0", 1000, 10_000_000])
@@ -34,8 +35,9 @@ def test_lua_crc32_routes_like_python(r: redis.Redis) -> None:
             assert shard_of(m, 13) == i
 
 
-def test_apply_copies_verifies_and_reports(redis_server: RedisServer, r: redis.Redis,
-                                           tmp_path: Path, state_url: str) -> None:
+def test_apply_copies_verifies_and_reports(
+    redis_server: RedisServer, r: redis.Redis, tmp_path: Path, state_url: str
+) -> None:
     model = seed_hash(r, "big:hash", 20_000)
     plan = write_plan(tmp_path / "p.yaml", redis_server.url)
     job = commands.apply(str(plan), state_url=state_url, allow_no_instances=True)
@@ -60,8 +62,9 @@ def test_apply_copies_verifies_and_reports(redis_server: RedisServer, r: redis.R
     assert '"shards": 8' in str(e.value) and '"shards": 16' in str(e.value)
 
 
-def test_status_json_via_cli(redis_server: RedisServer, r: redis.Redis, tmp_path: Path,
-                             state_url: str) -> None:
+def test_status_json_via_cli(
+    redis_server: RedisServer, r: redis.Redis, tmp_path: Path, state_url: str
+) -> None:
     seed_hash(r, "big:hash", 3000)
     plan = write_plan(tmp_path / "p.yaml", redis_server.url)
     res = run_cli("plan", "apply", str(plan), "--allow-no-instances", "--state", state_url)
@@ -69,8 +72,22 @@ def test_status_json_via_cli(redis_server: RedisServer, r: redis.Redis, tmp_path
     res = run_cli("status", "t-job", "--json", "--state", state_url)
     assert res.returncode == 0, res.stderr
     st = json.loads(res.stdout)
-    for field in ("name", "phase", "ratio", "epoch", "copied", "total", "progress", "rate",
-                  "eta_seconds", "throttle", "stage", "last_error", "instances", "counters"):
+    for field in (
+        "name",
+        "phase",
+        "ratio",
+        "epoch",
+        "copied",
+        "total",
+        "progress",
+        "rate",
+        "eta_seconds",
+        "throttle",
+        "stage",
+        "last_error",
+        "instances",
+        "counters",
+    ):
         assert field in st
     assert st["phase"] == "verified" and st["total"] == 3000
 
@@ -87,14 +104,27 @@ def _copy_checkpoint(state_url: str) -> tuple[str, int] | None:
         store.close()
 
 
-def test_sigkill_mid_copy_then_resume_from_checkpoint(redis_server: RedisServer, r: redis.Redis,
-                                                      tmp_path: Path, state_url: str) -> None:
+def test_sigkill_mid_copy_then_resume_from_checkpoint(
+    redis_server: RedisServer, r: redis.Redis, tmp_path: Path, state_url: str
+) -> None:
     model = seed_hash(r, "big:hash", 200_000)
     # A rate ceiling makes the copy last ~4 s, so the kill lands in the middle of it.
     plan = write_plan(tmp_path / "p.yaml", redis_server.url, extra="copy: {rate: 50000}\n")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "migrator", "plan", "apply", str(plan), "--allow-no-instances",
-         "--state", state_url], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        [
+            sys.executable,
+            "-m",
+            "migrator",
+            "plan",
+            "apply",
+            str(plan),
+            "--allow-no-instances",
+            "--state",
+            state_url,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     try:
         deadline = time.monotonic() + 60
         seen = None

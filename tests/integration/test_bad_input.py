@@ -27,18 +27,31 @@ def _assert_refused(res, needle: str, state_db: Path) -> None:  # type: ignore[n
 PLAN_CASES = {
     "broken-yaml": ("name: [oops\n", "not valid YAML"),
     "missing-field": ("name: a\nsource: {key: k}\n", "target: field required"),
-    "unknown-field": ("name: a\nsource: {key: k}\ntarget: {key: 'x:{shard}', shards: 4}\nextra: 1\n",
-                      "extra: unknown field"),
-    "bad-name": ("name: Not_OK\nsource: {key: k}\ntarget: {key: 'x:{shard}', shards: 4}\n",
-                 "is not a job name"),
-    "no-shard-placeholder": ("name: a\nsource: {key: k}\ntarget: {key: 'x:y', shards: 4}\n",
-                             "must contain {shard}"),
-    "one-shard": ("name: a\nsource: {key: k}\ntarget: {key: 'x:{shard}', shards: 1}\n",
-                  "target.shards"),
-    "unknown-hash": ("name: a\nsource: {key: k}\ntarget: {key: 'x:{shard}', shards: 4, "
-                     "hash: sha1}\n", "unknown hash function 'sha1'"),
-    "unset-env": ("name: a\nredis: {url: '${MIGRATOR_TEST_UNSET_VAR}'}\nsource: {key: k}\n"
-                  "target: {key: 'x:{shard}', shards: 4}\n", "${MIGRATOR_TEST_UNSET_VAR} is not set"),
+    "unknown-field": (
+        "name: a\nsource: {key: k}\ntarget: {key: 'x:{shard}', shards: 4}\nextra: 1\n",
+        "extra: unknown field",
+    ),
+    "bad-name": (
+        "name: Not_OK\nsource: {key: k}\ntarget: {key: 'x:{shard}', shards: 4}\n",
+        "is not a job name",
+    ),
+    "no-shard-placeholder": (
+        "name: a\nsource: {key: k}\ntarget: {key: 'x:y', shards: 4}\n",
+        "must contain {shard}",
+    ),
+    "one-shard": (
+        "name: a\nsource: {key: k}\ntarget: {key: 'x:{shard}', shards: 1}\n",
+        "target.shards",
+    ),
+    "unknown-hash": (
+        "name: a\nsource: {key: k}\ntarget: {key: 'x:{shard}', shards: 4, hash: sha1}\n",
+        "unknown hash function 'sha1'",
+    ),
+    "unset-env": (
+        "name: a\nredis: {url: '${MIGRATOR_TEST_UNSET_VAR}'}\nsource: {key: k}\n"
+        "target: {key: 'x:{shard}', shards: 4}\n",
+        "${MIGRATOR_TEST_UNSET_VAR} is not set",
+    ),
 }
 
 
@@ -58,8 +71,9 @@ def test_missing_plan_file(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("case", ["missing-source", "wrong-type", "shard-exists", "no-instances"])
-def test_bad_target_is_refused(case: str, redis_server: RedisServer, r: redis.Redis,
-                               tmp_path: Path) -> None:
+def test_bad_target_is_refused(
+    case: str, redis_server: RedisServer, r: redis.Redis, tmp_path: Path
+) -> None:
     flags = ["--allow-no-instances"]
     if case == "missing-source":
         needle = "source key 'big:hash' does not exist"

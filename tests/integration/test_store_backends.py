@@ -70,11 +70,16 @@ def test_transitions_checkpoints_events_diffs(backend_url: str) -> None:
         assert store.count_diffs(job, 1) == {"value_differs": 1, "missing_in_shard": 1}
         store.set_diff_status(job, 1, "suspect", "confirmed")
         assert store.count_diffs(job, 1, status="confirmed") == {
-            "value_differs": 1, "missing_in_shard": 1}
+            "value_differs": 1,
+            "missing_in_shard": 1,
+        }
         assert {d.member for d in store.iter_diffs(job, 1)} == {b"m\xff1", b"m2"}
         kinds = [(e.kind, e.from_value, e.to_value) for e in store.history("s-job")]
-        assert kinds[:3] == [("created", None, "planned"), ("flag", None, "allow_no_instances"),
-                             ("phase", "planned", "dual_write")]
+        assert kinds[:3] == [
+            ("created", None, "planned"),
+            ("flag", None, "allow_no_instances"),
+            ("phase", "planned", "dual_write"),
+        ]
         assert all(e.actor and e.host for e in store.history("s-job"))
     finally:
         store.close()

@@ -26,9 +26,21 @@ NPROC, MEMBERS, COUNTERS = 3, 60_000, 20
 def _start_writers(url: str, tmp: Path) -> list[subprocess.Popen[bytes]]:
     return [
         subprocess.Popen(
-            [sys.executable, "-m", "tests.integration.shim_writer", url, "t-job", str(i),
-             str(NPROC), str(MEMBERS), str(COUNTERS), str(tmp / "stop"), str(tmp / f"w{i}.json")],
-            cwd=ROOT)
+            [
+                sys.executable,
+                "-m",
+                "tests.integration.shim_writer",
+                url,
+                "t-job",
+                str(i),
+                str(NPROC),
+                str(MEMBERS),
+                str(COUNTERS),
+                str(tmp / "stop"),
+                str(tmp / f"w{i}.json"),
+            ],
+            cwd=ROOT,
+        )
         for i in range(NPROC)
     ]
 
@@ -49,8 +61,9 @@ def test_torture_concurrent_writers_kill_resume_and_ratio_walk(
     redis_server: RedisServer, r: redis.Redis, tmp_path: Path, state_url: str
 ) -> None:
     initial = seed_hash(r, "big:hash", MEMBERS)
-    plan = write_plan(tmp_path / "p.yaml", redis_server.url, shards=16,
-                      extra="copy: {rate: 20000, batch: 200}\n")
+    plan = write_plan(
+        tmp_path / "p.yaml", redis_server.url, shards=16, extra="copy: {rate: 20000, batch: 200}\n"
+    )
     writers = _start_writers(redis_server.url, tmp_path)
     try:
         deadline = time.monotonic() + 30
@@ -58,10 +71,19 @@ def test_torture_concurrent_writers_kill_resume_and_ratio_walk(
             assert time.monotonic() < deadline, "writers never heartbeated"
             time.sleep(0.1)
 
-        apply_cmd = [sys.executable, "-m", "migrator", "plan", "apply", str(plan), "--state",
-                     state_url]
-        first = subprocess.Popen(apply_cmd, cwd=ROOT, stdout=subprocess.PIPE,
-                                 stderr=subprocess.PIPE)
+        apply_cmd = [
+            sys.executable,
+            "-m",
+            "migrator",
+            "plan",
+            "apply",
+            str(plan),
+            "--state",
+            state_url,
+        ]
+        first = subprocess.Popen(
+            apply_cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             phase, copied = _phase_and_copied(state_url)

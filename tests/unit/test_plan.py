@@ -39,14 +39,19 @@ def test_secrets_are_masked() -> None:
     [
         ("name: [unclosed", "not valid YAML"),
         ("- a list", "YAML mapping"),
-        (GOOD.replace("name: user-info-split", "name: Bad_Name"), "name: 'Bad_Name' is not a job name"),
+        (
+            GOOD.replace("name: user-info-split", "name: Bad_Name"),
+            "name: 'Bad_Name' is not a job name",
+        ),
         (GOOD.replace("name: user-info-split\n", ""), "name: field required"),
         (GOOD + "surprise: 1\n", "surprise: unknown field"),
         (GOOD.replace("user:info:{shard}", "user:info:x"), "target.key: must contain {shard}"),
         (GOOD.replace("shards: 100", "shards: 1"), "target.shards"),
         (GOOD.replace("shards: 100}", "shards: 100, hash: md5}"), "unknown hash function 'md5'"),
-        (GOOD.replace("${REDIS_URL:-redis://127.0.0.1:6379/0}", "${NOPE_VAR}"),
-         "redis.url: environment variable ${NOPE_VAR} is not set"),
+        (
+            GOOD.replace("${REDIS_URL:-redis://127.0.0.1:6379/0}", "${NOPE_VAR}"),
+            "redis.url: environment variable ${NOPE_VAR} is not set",
+        ),
         (GOOD.replace("after: 7d", "after: soon"), "cleanup.after"),
         (GOOD.replace("type: hash", "type: list"), "source.type"),
         (GOOD.replace("${REDIS_URL:-redis://127.0.0.1:6379/0}", "http://x"), "unsupported scheme"),

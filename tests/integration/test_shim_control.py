@@ -1,0 +1,256 @@
+"""The shim's control loop against real servers: refresh, heartbeat/applied epoch, counters,
+stickiness across processes, robustness to errors, and fork safety."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import multiprocessing
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from migrator import control, keys
+from migrator.control import ControlRecord
+from migrator.phases import Phase
+from migrator.routing import shard_of
+from migrator.shim import ReadPath, ShardRouter
+from migrator.shim.watcher import STALE_AFTER_S
+
+P = Phase
+ROOT = Path(__file__).resolve().parents[2]
+JOB = "user-info-split"
+SOURCE = "user:info:all"
+TEMPLATE = "user:info:{shard}"
+SHARDS = 8
+Attach = Callable[..., ShardRouter]
+
+
+def record(phase: Phase, *, epoch: int = 1, ratio: int = 0, **kw: Any) -> ControlRecord:
+    base = ControlRecord(
+        job=JOB,
+        phase=phase,
+        ratio=ratio,
+        epoch=epoch,
+        source_key=SOURCE,
+        source_type="hash",
+        template=TEMPLATE,
+        shards=SHARDS,
+        hash="crc32",
+        salt="salt-1",
+    )
+    return dataclasses.replace(base, **kw)
+
+
+def shard_key(member: str) -> str:
+    return TEMPLATE.replace("{shard}", str(shard_of(member, SHARDS)))
+
+
+def eventually(check: Callable[[], Any], timeout: float = 3.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not true within {timeout}s: {check}")
+        time.sleep(0.02)
+
+
+def acked_epoch(r: redis.Redis, instance_id: str) -> int | None:
+    found = [i for i in control.live_instances(r, JOB) if i.id == instance_id]
+    return found[0].epoch if found else None
+
+
+@pytest.fixture
+def attach(r: redis.Redis) -> Iterator[Attach]:
+    routers: list[ShardRouter] = []
+
+    def _attach(client: redis.Redis | None = None, **kw: Any) -> ShardRouter:
+        router = ShardRouter.attach(client or r, JOB, **kw)
+        routers.append(router)
+        return router
+
+    yield _attach
+    for router in routers:
+        router.close()
+
+
+def test_attach_registers_a_live_instance_before_any_record(r: redis.Redis, attach: Attach) -> None:
+    users = attach(source_key=SOURCE)
+    [instance] = control.live_instances(r, JOB)
+    assert instance.id == users.instance_id
+    assert instance.epoch == 0
+    assert instance.pid == os.getpid()
+
+
+def test_a_ratio_change_is_in_effect_within_two_seconds(r: redis.Redis, attach: Attach) -> None:
+    members = [f"user:{i}" for i in range(50)]
+    for m in members:
+        r.hset(SOURCE, m, "old")
+        r.hset(shard_key(m), m, "new")
+    control.publish(r, record(P.GRAY, ratio=0))
+    users = attach()  # default refresh_interval
+    assert set(users.hmget(members)) == {b"old"}
+    published = time.monotonic()
+    control.publish(r, record(P.GRAY, epoch=2, ratio=99))
+    eventually(lambda: users.hmget(members).count(b"new") >= 45, timeout=2.0)
+    assert time.monotonic() - published < 2.0
+    control.publish(r, record(P.GRAY, epoch=3, ratio=0))  # rollback of the ratio is as fast
+    eventually(lambda: set(users.hmget(members)) == {b"old"}, timeout=2.0)
+
+
+def test_heartbeat_reports_the_applied_epoch(r: redis.Redis, attach: Attach) -> None:
+    control.publish(r, record(P.PLANNED, epoch=1))
+    users = attach(refresh_interval=0.1)
+    assert acked_epoch(r, users.instance_id) == 1
+    control.publish(r, record(P.DUAL_WRITE, epoch=7))
+    eventually(lambda: acked_epoch(r, users.instance_id) == 7, timeout=2.0)
+    assert users.applied_epoch == 7
+    # the runner's own barrier sees it too
+    assert [i.id for i in control.wait_for_ack(r, JOB, 7, timeout=2)] == [users.instance_id]
+
+
+def test_the_epoch_is_acknowledged_only_after_older_calls_finished(
+    redis_server: Any, r: redis.Redis, attach: Attach
+) -> None:
+    control.publish(r, record(P.DUAL_WRITE, epoch=1))
+    users = attach(refresh_interval=1.0)  # first refresh 1 s from now
+    control.publish(r, record(P.COPYING, epoch=2))  # not yet seen by the shim
+    admin = redis_server.client()
+    # Hold a dual write (EVALSHA) in flight: the server delays writes, reads still run.
+    admin.client_pause(2000, all=False)
+    writer = threading.Thread(target=users.hset, args=("m", "v"))
+    writer.start()
+    eventually(lambda: users.in_flight == 1, timeout=1.0)
+    eventually(lambda: users.record is not None and users.record.epoch == 2, timeout=1.9)
+    assert writer.is_alive(), "the write must still be in flight for this test to mean anything"
+    assert users.applied_epoch == 1
+    assert acked_epoch(r, users.instance_id) == 1
+    writer.join(5)
+    assert users.applied_epoch == 2
+    eventually(lambda: acked_epoch(r, users.instance_id) == 2, timeout=3.0)
+    assert r.hget(SOURCE, "m") == b"v" and r.hget(shard_key("m"), "m") == b"v"
+    admin.close()
+
+
+def test_counters_are_flushed_periodically_and_on_close(r: redis.Redis, attach: Attach) -> None:
+    r.hset(SOURCE, "a", "1")
+    control.publish(r, record(P.CUTOVER))
+    users = attach(loader=lambda m: "db", flush_interval=0.1, refresh_interval=0.05)
+    users.hget("a")  # shard miss → source
+    users.hget("ghost")  # shard miss → source miss → loader
+    field = f"{users.instance_id}|{{}}".format
+
+    def flushed() -> dict[str, int]:
+        h: dict[bytes, bytes] = r.hgetall(keys.counters(JOB))  # type: ignore[assignment]
+        return {k.decode(): int(v) for k, v in h.items()}
+
+    eventually(lambda: flushed().get(field("reads_shard")) == 2, timeout=2.0)
+    assert flushed()[field("fallbacks")] == 2
+    assert flushed()[field("loader_calls")] == 1
+    users.hget("a")
+    users.close()
+    assert flushed()[field("reads_shard")] == 3, "close() flushes what is pending"
+
+
+def test_sticky_read_paths_agree_across_processes(
+    redis_server: Any, r: redis.Redis, attach: Attach
+) -> None:
+    control.publish(r, record(P.GRAY, ratio=30))
+    users = attach()
+    members = [f"user:{i}" for i in range(300)]
+    here = [str(users.read_path(m)) for m in members]
+    child = (
+        "import json, sys, redis\n"
+        "from migrator.shim import ShardRouter\n"
+        "users = ShardRouter.attach(redis.Redis.from_url(sys.argv[1]), sys.argv[2])\n"
+        "members = json.loads(sys.stdin.read())\n"
+        "print(json.dumps([str(users.read_path(m)) for m in members]))\n"
+        "users.close()\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", child, redis_server.url, JOB],
+        cwd=ROOT,
+        input=json.dumps(members),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout
+    there = json.loads(out)
+    assert there == here
+    assert {ReadPath.OLD.value, ReadPath.SHARD.value} == set(here)
+
+
+def test_refresh_survives_a_broken_control_record_and_keeps_the_last(
+    r: redis.Redis, attach: Attach, caplog: pytest.LogCaptureFixture
+) -> None:
+    r.hset(SOURCE, "a", "old")
+    r.hset(shard_key("a"), "a", "new")
+    control.publish(r, record(P.CUTOVER, epoch=3))
+    users = attach(refresh_interval=0.05)
+    # The refresh now fails (WRONGTYPE on HGETALL): the shim keeps routing with the last record.
+    r.delete(keys.control(JOB))
+    r.set(keys.control(JOB), "garbage")
+    time.sleep(0.3)
+    assert users.record == record(P.CUTOVER, epoch=3)
+    assert users.hget("a") == b"new"
+    assert any("keeping the last record" in m for m in caplog.messages)
+    # A vanished record is kept too (done → shards stays safer than "no job").
+    r.delete(keys.control(JOB))
+    time.sleep(0.2)
+    assert users.record == record(P.CUTOVER, epoch=3)
+    # And a republished record is picked up again.
+    control.publish(r, record(P.GRAY, epoch=4, ratio=0))
+    eventually(lambda: users.hget("a") == b"old", timeout=2.0)
+    eventually(lambda: acked_epoch(r, users.instance_id) == 4, timeout=2.0)
+
+
+def test_a_stale_record_is_refreshed_inline_before_it_is_used(
+    r: redis.Redis, attach: Attach
+) -> None:
+    control.publish(r, record(P.DUAL_WRITE, epoch=1))
+    users = attach(refresh_interval=1.0)  # the thread's next refresh is 1 s away
+    control.publish(r, record(P.COPYING, epoch=2))
+    # As if the refresh thread had been unable to refresh for longer than the fence allows
+    # (stalled, starved of the GIL): the runner may already have stopped waiting for us.
+    users._watcher._confirmed_at -= STALE_AFTER_S + 1
+    users.hset("m", "v")
+    assert users.record == record(P.COPYING, epoch=2)
+    assert acked_epoch(r, users.instance_id) == 2
+    assert r.hget(shard_key("m"), "m") == b"v"
+
+
+def test_refresh_interval_is_at_most_one_second(r: redis.Redis) -> None:
+    with pytest.raises(ValueError, match="refresh_interval"):
+        ShardRouter.attach(r, JOB, source_key=SOURCE, refresh_interval=2.0)
+
+
+def _child_writes(router: ShardRouter, out: Any) -> None:
+    router.hset("from-child", "1")
+    out.put(router.instance_id)
+
+
+def test_a_forked_child_heartbeats_as_its_own_instance(r: redis.Redis, attach: Attach) -> None:
+    control.publish(r, record(P.DUAL_WRITE, epoch=5))
+    users = attach(refresh_interval=0.05)
+    ctx = multiprocessing.get_context("fork")
+    out = ctx.Queue()
+    child = ctx.Process(target=_child_writes, args=(users, out))
+    child.start()
+    child_id = out.get(timeout=10)
+    child.join(10)
+    assert child.exitcode == 0
+    assert child_id != users.instance_id
+    ids = {i.id: i for i in control.instances(r, JOB)}
+    assert ids[child_id].epoch == 5 and ids[child_id].pid == child.pid
+    assert r.hget(shard_key("from-child"), "from-child") == b"1"

@@ -1,0 +1,444 @@
+"""The shim's Hash commands against real servers: where writes land and where reads come from.
+
+Each test publishes the control record itself (control.publish) to put the shim in a phase.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import redis
+
+from migrator import control, keys
+from migrator.control import ControlRecord
+from migrator.phases import Phase
+from migrator.routing import shard_of, sticky_bucket
+from migrator.shim import ReadPath, ShardRouter, ShimClosed, ShimNotConfigured, ShimWrongType
+
+P = Phase
+JOB = "user-info-split"
+SOURCE = "user:info:all"
+TEMPLATE = "user:info:{shard}"
+SHARDS = 8
+SALT = "salt-1"
+Attach = Callable[..., ShardRouter]
+
+
+def record(phase: Phase, *, epoch: int = 1, ratio: int = 0, **kw: Any) -> ControlRecord:
+    base = ControlRecord(
+        job=JOB,
+        phase=phase,
+        ratio=ratio,
+        epoch=epoch,
+        source_key=SOURCE,
+        source_type="hash",
+        template=TEMPLATE,
+        shards=SHARDS,
+        hash="crc32",
+        salt=SALT,
+    )
+    return dataclasses.replace(base, **kw)
+
+
+def shard_key(member: str) -> str:
+    return TEMPLATE.replace("{shard}", str(shard_of(member, SHARDS)))
+
+
+def data_keys(client: redis.Redis) -> set[str]:
+    """Every key but migrator's own bookkeeping (a test helper: SCAN is fine here)."""
+    return {
+        k.decode() if isinstance(k, bytes) else k
+        for k in client.scan_iter(count=1000)
+        if not (k.decode() if isinstance(k, bytes) else k).startswith("migrator:")
+    }
+
+
+def eventually(check: Callable[[], Any], timeout: float = 3.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not true within {timeout}s: {check}")
+        time.sleep(0.02)
+
+
+def move_to(r: redis.Redis, router: ShardRouter, rec: ControlRecord) -> None:
+    control.publish(r, rec)
+    eventually(lambda: router.record == rec)
+
+
+@pytest.fixture
+def attach(r: redis.Redis) -> Iterator[Attach]:
+    routers: list[ShardRouter] = []
+
+    def _attach(client: redis.Redis | None = None, **kw: Any) -> ShardRouter:
+        kw.setdefault("refresh_interval", 0.05)
+        router = ShardRouter.attach(client or r, JOB, **kw)
+        routers.append(router)
+        return router
+
+    yield _attach
+    for router in routers:
+        router.close()
+
+
+def no_loader(member: Any) -> Any:
+    raise AssertionError(f"the loader was called for {member!r}")
+
+
+# -- before the job exists ---------------------------------------------------------------------
+
+
+def test_pass_through_before_a_record_exists(r: redis.Redis, attach: Attach) -> None:
+    users = attach(source_key=SOURCE)
+    assert users.record is None
+    assert users.hset("a", "1") == 1
+    assert users.hset(mapping={"b": "2", "c": "3"}) == 2
+    assert users.hincrby("n", 5) == 5
+    assert users.hincrbyfloat("f", 1.5) == 1.5
+    assert users.hget("a") == b"1"
+    assert users.hmget(["a", "b", "zz"]) == [b"1", b"2", None]
+    assert users.hexists("c") and not users.hexists("zz")
+    assert users.hdel("c", "zz") == 1
+    assert users.hlen() == 4
+    assert dict(users.hscan_iter()) == {b"a": b"1", b"b": b"2", b"n": b"5", b"f": b"1.5"}
+    assert data_keys(r) == {SOURCE}
+
+
+def test_without_record_or_source_key_calls_raise_until_the_job_is_published(
+    r: redis.Redis, attach: Attach
+) -> None:
+    users = attach()
+    with pytest.raises(ShimNotConfigured, match="source_key"):
+        users.hget("a")
+    with pytest.raises(ShimNotConfigured):
+        users.hset("a", "1")
+    r.hset(SOURCE, "a", "old")
+    control.publish(r, record(P.PLANNED))
+    eventually(lambda: users.record is not None)
+    assert users.hget("a") == b"old"
+
+
+def test_record_source_key_wins_over_the_attach_argument(r: redis.Redis, attach: Attach) -> None:
+    control.publish(r, record(P.PLANNED))
+    users = attach(source_key="something:else")
+    users.hset("a", "1")
+    assert r.hget(SOURCE, "a") == b"1"
+    assert not r.exists("something:else")
+
+
+def test_a_job_of_another_type_is_refused(r: redis.Redis, attach: Attach) -> None:
+    control.publish(r, record(P.DUAL_WRITE, source_type="set"))
+    users = attach()
+    with pytest.raises(ShimWrongType, match="set"):
+        users.hget("a")
+
+
+# -- writes ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("phase", [P.PLANNED, P.ROLLING_BACK, P.ROLLED_BACK])
+def test_old_only_phases_never_touch_the_shards(
+    r: redis.Redis, attach: Attach, phase: Phase
+) -> None:
+    control.publish(r, record(phase))
+    users = attach()
+    users.hset(mapping={f"m{i}": str(i) for i in range(20)})
+    users.hincrby("m1", 1)
+    users.hdel("m2")
+    assert data_keys(r) == {SOURCE}
+    assert r.hlen(SOURCE) == 19 and r.hget(SOURCE, "m1") == b"2"
+
+
+@pytest.mark.parametrize("phase", [P.DUAL_WRITE, P.COPYING, P.VERIFIED, P.GRAY, P.CUTOVER])
+def test_dual_writes_land_in_old_and_in_the_right_shard(
+    r: redis.Redis, attach: Attach, phase: Phase
+) -> None:
+    control.publish(r, record(phase, ratio=50 if phase is P.GRAY else 0))
+    users = attach()
+    members = {f"user:{i}": f"v{i}" for i in range(60)}
+    assert users.hset(mapping=members) == 60
+    assert users.hset("user:0", "changed") == 0
+    members["user:0"] = "changed"
+    for m, v in members.items():
+        assert r.hget(SOURCE, m) == v.encode()
+        assert r.hget(shard_key(m), m) == v.encode()
+    # each member is in its own shard only
+    lengths: list[int] = [r.hlen(TEMPLATE.replace("{shard}", str(s))) for s in range(SHARDS)]  # type: ignore[misc]
+    assert sum(lengths) == 60
+    assert data_keys(r) == {SOURCE} | {TEMPLATE.replace("{shard}", str(s)) for s in range(SHARDS)}
+
+    gone = [f"user:{i}" for i in range(10)]
+    assert users.hdel(*gone, "user:nope") == 10
+    for m in gone:
+        assert not r.hexists(SOURCE, m) and not r.hexists(shard_key(m), m)
+    assert users.hsetnx("user:20", "ignored") == 0
+    assert users.hsetnx("fresh", "x") == 1
+    assert r.hget(shard_key("fresh"), "fresh") == b"x"
+    assert r.hget(shard_key("user:20"), "user:20") == b"v20"
+
+
+def test_hincrby_in_dual_write_sets_the_shard_to_the_full_source_value(
+    r: redis.Redis, attach: Attach
+) -> None:
+    # Members that exist in the source only: the copy has not reached them yet.
+    r.hset(SOURCE, mapping={"count": 10, "ratio": "1.25", "nx": "kept"})
+    control.publish(r, record(P.DUAL_WRITE))
+    users = attach()
+    assert users.hincrby("count", 5) == 15
+    assert r.hget(shard_key("count"), "count") == b"15"
+    assert r.hget(SOURCE, "count") == b"15"
+    assert users.hincrbyfloat("ratio", 0.5) == 1.75
+    assert r.hget(shard_key("ratio"), "ratio") == b"1.75"
+    assert users.hsetnx("nx", "lost") == 0
+    assert r.hget(shard_key("nx"), "nx") == b"kept"
+    # the increment is applied once: a second call is not replayed from the shard
+    assert users.hincrby("count", 1) == 16
+    assert r.hget(shard_key("count"), "count") == b"16"
+
+
+@pytest.mark.parametrize("phase", [P.CLEANING, P.DONE])
+def test_after_cleaning_writes_go_to_the_shards_only(
+    r: redis.Redis, attach: Attach, phase: Phase
+) -> None:
+    control.publish(r, record(phase))
+    users = attach()
+    assert users.hset(mapping={"a": "1", "b": "2"}) == 2
+    assert users.hincrby("n", 3) == 3
+    assert users.hdel("b") == 1
+    assert not r.exists(SOURCE)
+    assert r.hget(shard_key("a"), "a") == b"1"
+    assert r.hget(shard_key("n"), "n") == b"3"
+    assert not r.hexists(shard_key("b"), "b")
+
+
+def test_multi_shard_dual_write_survives_a_flushed_script_cache(
+    r: redis.Redis, attach: Attach
+) -> None:
+    control.publish(r, record(P.COPYING))
+    users = attach()
+    users.hset("warm", "1")
+    r.script_flush()  # as after a restart or failover: every EVALSHA gets NOSCRIPT
+    assert users.hset(mapping={f"k{i}": "v" for i in range(30)}) == 30
+    assert r.hlen(SOURCE) == 31
+    assert all(r.hget(shard_key(f"k{i}"), f"k{i}") == b"v" for i in range(30))
+
+
+def test_a_failed_dual_write_is_counted_and_raised(r: redis.Redis, attach: Attach) -> None:
+    r.set(SOURCE, "not a hash")
+    control.publish(r, record(P.DUAL_WRITE))
+    users = attach()
+    with pytest.raises(redis.ResponseError, match="WRONGTYPE"):
+        users.hset("a", "1")
+    with pytest.raises(redis.ResponseError, match="WRONGTYPE"):
+        users.hset(mapping={f"k{i}": "v" for i in range(20)})
+    assert users.counters()["dual_write_errors"] == 2
+
+
+# -- reads -------------------------------------------------------------------------------------
+
+
+def _seed_divergent(r: redis.Redis) -> None:
+    """'both' differs between source and shard; the others exist on one side only."""
+    r.hset(SOURCE, mapping={"both": "old", "only_old": "old"})
+    r.hset(shard_key("both"), "both", "new")
+    r.hset(shard_key("only_shard"), "only_shard", "new")
+
+
+READS = {
+    # phase: (both, only_old, only_shard); b"db" is the loader's answer
+    P.PLANNED: (b"old", b"old", b"db"),
+    P.DUAL_WRITE: (b"old", b"old", b"db"),
+    P.COPYING: (b"old", b"old", b"db"),
+    P.VERIFYING: (b"old", b"old", b"db"),
+    P.VERIFIED: (b"old", b"old", b"db"),
+    P.CUTOVER: (b"new", b"old", b"new"),
+    P.CLEANING: (b"new", b"db", b"new"),
+    P.DONE: (b"new", b"db", b"new"),
+    P.ROLLING_BACK: (b"old", b"old", b"db"),
+    P.ROLLED_BACK: (b"old", b"old", b"db"),
+}
+
+
+def test_reads_follow_the_phase_table(r: redis.Redis, attach: Attach) -> None:
+    _seed_divergent(r)
+    control.publish(r, record(P.PLANNED))
+    users = attach(loader=lambda m: b"db")
+    for epoch, (phase, expected) in enumerate(READS.items(), start=2):
+        move_to(r, users, record(phase, epoch=epoch))
+        members = ["both", "only_old", "only_shard"]
+        assert tuple(users.hget(m) for m in members) == expected, phase
+        assert tuple(users.hmget(members)) == expected, phase
+        assert tuple(users.hexists(m) for m in members) == tuple(v != b"db" for v in expected)
+
+
+def test_gray_reads_by_sticky_bucket_with_fallback(r: redis.Redis, attach: Attach) -> None:
+    members = [f"user:{i}" for i in range(200)]
+    for m in members:  # the shard has a newer value for every member
+        r.hset(SOURCE, m, "old")
+        r.hset(shard_key(m), m, "new")
+    control.publish(r, record(P.GRAY, ratio=40))
+    users = attach(loader=no_loader)
+    on_shard = {m for m in members if sticky_bucket(m, SALT) < 40}
+    assert 0 < len(on_shard) < len(members)
+    expected = [b"new" if m in on_shard else b"old" for m in members]
+    assert users.hmget(members) == expected
+    assert [users.hget(m) for m in members] == expected
+    assert {m for m in members if users.read_path(m) is ReadPath.SHARD} == on_shard
+    counted = users.counters()
+    assert counted["reads_shard"] == 2 * len(on_shard)
+    assert counted["reads_old"] == 2 * (len(members) - len(on_shard))
+    assert counted["fallbacks"] == 0
+
+
+def test_gray_never_reaches_the_loader_while_the_member_is_in_old(
+    r: redis.Redis, attach: Attach
+) -> None:
+    # Nothing copied yet: every shard-path read misses its shard.
+    members = [f"user:{i}" for i in range(100)]
+    r.hset(SOURCE, mapping={m: "old" for m in members})
+    control.publish(r, record(P.GRAY, ratio=99))
+    users = attach(loader=no_loader)
+    assert users.hmget(members) == [b"old"] * 100
+    assert all(users.hget(m) == b"old" for m in members)
+    assert all(users.hexists(m) for m in members)
+    counted = users.counters()
+    assert counted["fallbacks"] >= 2 * 90  # ~99% of reads took the shard path and fell back
+    assert counted["loader_calls"] == 0
+
+
+@pytest.mark.parametrize("phase", [P.DUAL_WRITE, P.GRAY, P.CUTOVER, P.DONE])
+def test_loader_results_are_not_written_back(r: redis.Redis, attach: Attach, phase: Phase) -> None:
+    control.publish(r, record(phase, ratio=99 if phase is P.GRAY else 0))
+    calls: list[Any] = []
+
+    def loader(member: Any) -> str:
+        calls.append(member)
+        return f"db:{member}"
+
+    users = attach(loader=loader)
+    assert users.hget("ghost") == "db:ghost"
+    assert users.hmget(["ghost", "ghost2"]) == ["db:ghost", "db:ghost2"]
+    assert calls == ["ghost", "ghost", "ghost2"]
+    assert data_keys(r) == set()
+    assert users.counters()["loader_calls"] == 3
+
+
+def test_without_a_loader_a_miss_is_none(r: redis.Redis, attach: Attach) -> None:
+    control.publish(r, record(P.CUTOVER))
+    users = attach()
+    assert users.hget("ghost") is None
+    assert users.hmget(["ghost"]) == [None]
+    assert users.hmget([]) == []
+
+
+def test_shadow_reads_count_mismatches_once_the_copy_is_done(
+    r: redis.Redis, attach: Attach
+) -> None:
+    r.hset(SOURCE, mapping={"same": "1", "differs": "1", "not_copied": "1"})
+    r.hset(shard_key("same"), "same", "1")
+    r.hset(shard_key("differs"), "differs", "2")
+    control.publish(r, record(P.COPYING, shadow_sample=1.0))
+    users = attach()
+    members = ["same", "differs", "not_copied"]
+    assert users.hmget(members) == [b"1", b"1", b"1"]
+    assert users.counters()["shadow_mismatches"] == 0, "no shadow reads while copying"
+    move_to(r, users, record(P.GRAY, epoch=2, ratio=0, shadow_sample=1.0))
+    assert users.hmget(members) == [b"1", b"1", b"1"]  # shadow values are never returned
+    assert users.counters()["shadow_mismatches"] == 2
+    assert users.hget("differs") == b"1"
+    assert users.counters()["shadow_mismatches"] == 3
+
+
+# -- logical scans -----------------------------------------------------------------------------
+
+
+def test_hscan_iter_and_hlen_cover_the_logical_hash(r: redis.Redis, attach: Attach) -> None:
+    members = {f"user:{i}".encode(): b"v" for i in range(300)}
+    r.hset(SOURCE, mapping=members)
+    for m in members:
+        r.hset(shard_key(m.decode()), m.decode(), "v")
+    r.hset(shard_key("stray"), "stray", "shard-only")  # tells which side is scanned
+    control.publish(r, record(P.CUTOVER))
+    users = attach()
+    assert dict(users.hscan_iter(count=50)) == members
+    assert users.hlen() == 300
+    assert {k for k, _ in users.hscan_iter(match="user:1*")} == {
+        m for m in members if m.startswith(b"user:1")
+    }
+
+    move_to(r, users, record(P.CLEANING, epoch=2))
+    r.delete(SOURCE)  # what the cleaner does once every instance acknowledged cleaning
+    assert dict(users.hscan_iter(count=50)) == {**members, b"stray": b"shard-only"}
+    assert users.hlen() == 301
+
+
+def test_hscan_iter_restarts_over_the_shards_when_cleaning_begins_mid_scan(
+    r: redis.Redis, attach: Attach
+) -> None:
+    members = {f"user:{i}".encode(): b"v" for i in range(400)}
+    r.hset(SOURCE, mapping=members)
+    for m in members:
+        r.hset(shard_key(m.decode()), m.decode(), "v")
+    control.publish(r, record(P.CUTOVER))
+    users = attach()
+    it = users.hscan_iter(count=20)
+    seen = {next(it)[0] for _ in range(30)}
+    move_to(r, users, record(P.CLEANING, epoch=2))
+    r.delete(SOURCE)
+    seen |= {k for k, _ in it}
+    assert seen == set(members)
+
+
+# -- client settings and lifecycle -------------------------------------------------------------
+
+
+def test_return_types_follow_decode_responses(redis_server: Any, attach: Attach) -> None:
+    client = redis_server.client(decode_responses=True)
+    try:
+        control.publish(client, record(P.GRAY, ratio=50))
+        users = attach(client)
+        users.hset(mapping={f"m{i}": "v" for i in range(20)})
+        assert users.hget("m1") == "v"
+        assert users.hmget(["m1", "m2", "none"]) == ["v", "v", None]
+        assert users.hincrbyfloat("f", 2.5) == 2.5
+        assert users.hincrby("n", 2) == 2
+        assert dict(users.hscan_iter())["m3"] == "v"
+        assert isinstance(users.hexists("m1"), bool)
+    finally:
+        client.close()
+
+
+def test_members_given_as_int_or_bytes_route_like_their_text(
+    r: redis.Redis, attach: Attach
+) -> None:
+    control.publish(r, record(P.DUAL_WRITE))
+    users = attach()
+    users.hset(123, "x")
+    users.hset(b"bytes", "y")
+    assert r.hget(shard_key("123"), "123") == b"x"
+    assert r.hget(shard_key("bytes"), "bytes") == b"y"
+
+
+def test_a_closed_router_refuses_calls(r: redis.Redis, attach: Attach) -> None:
+    users = attach(source_key=SOURCE)
+    users.close()
+    users.close()  # idempotent
+    with pytest.raises(ShimClosed):
+        users.hget("a")
+
+
+def test_counters_and_keys_stay_under_the_job_prefix(r: redis.Redis, attach: Attach) -> None:
+    control.publish(r, record(P.GRAY, ratio=50))
+    users = attach(flush_interval=0.05)
+    users.hset("a", "1")
+    users.hget("a")
+    users.close()
+    written = {k.decode() for k in r.scan_iter(count=1000)}
+    assert written - data_keys(r) <= set(keys.all_keys(JOB))
