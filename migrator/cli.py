@@ -127,9 +127,14 @@ def plan_validate(file: str) -> None:
     show_default=True,
     help="seconds to wait for live app instances to acknowledge a phase change",
 )
+@click.option(
+    "--force",
+    is_flag=True,
+    help="copy even when the memory preflight finds too little headroom; audited",
+)
 @state_option
 def plan_apply(
-    file: str, allow_no_instances: bool, barrier_timeout: float, state_url: str | None
+    file: str, allow_no_instances: bool, barrier_timeout: float, force: bool, state_url: str | None
 ) -> None:
     """Register FILE's job and run it to `verified`; running it again resumes."""
     with stop_on_signals() as stop, progress_bar() as bar:
@@ -138,6 +143,7 @@ def plan_apply(
                 file,
                 state_url=state_url,
                 allow_no_instances=allow_no_instances,
+                force=force,
                 stop=stop,
                 on_progress=bar,
                 barrier_timeout=barrier_timeout,
@@ -288,7 +294,11 @@ def verify(
             stop=stop,
             on_progress=bar,
         )
-    listed = commands.diffs(name, state_url=state_url, run=report.run) if show else []
+    listed: list[dict[str, Any]] = []
+    if show:
+        # Every confirmed difference (and, after --repair, the ones it fixed), not a sample.
+        for status in ("confirmed", "repaired") if repair else ("confirmed",):
+            listed += commands.diffs(name, state_url=state_url, run=report.run, status=status)
     if as_json:
         click.echo(json.dumps({**report.as_dict(), "differences": listed}, indent=2))
     else:
@@ -298,8 +308,17 @@ def verify(
             f"confirmed {sum(report.confirmed.values())}"
             + (f", repaired {report.repaired}" if repair else "")
         )
-        for d in listed:
-            click.echo(f"  {d['kind']:<17} shard {d['shard']:<5} {d['member']}")
+        lines = (
+            f"  {d['kind']:<17} shard {d['shard']:<5} {d['member']}"
+            + ("  (repaired)" if d["status"] == "repaired" else "")
+            + "\n"
+            for d in listed
+        )
+        if sys.stdout.isatty() and len(listed) > 40:
+            click.echo_via_pager(lines)
+        else:
+            for line in lines:
+                click.echo(line, nl=False)
     if not report.clean:
         sys.exit(3)
 
@@ -346,6 +365,38 @@ def history(name: str, as_json: bool, state_url: str | None) -> None:
         click.echo(
             f"{at}  {e.kind:<9} {change:<28} {e.actor}@{e.host}"
             + (f"  {e.detail}" if e.detail else "")
+        )
+
+
+@cli.command()
+@click.option(
+    "--interval",
+    type=click.FloatRange(min=0.1),
+    default=1.0,
+    show_default=True,
+    help="seconds between scans of the state store",
+)
+@click.option("--once", is_flag=True, help="do what is due now, wait for it, then exit")
+@click.option("--barrier-timeout", type=float, default=60.0, show_default=True)
+@state_option
+def run(interval: float, once: bool, barrier_timeout: float, state_url: str | None) -> None:
+    """Long-running runner: resumes interrupted jobs, runs cleanups scheduled by cleanup.after.
+
+    SIGTERM or SIGINT stops it cleanly: each job finishes its batch and keeps its checkpoint.
+    """
+    import logging
+
+    from migrator import scheduler
+
+    logging.basicConfig(
+        level=logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    logging.getLogger("apscheduler").setLevel(logging.WARNING)
+    with stop_on_signals() as stop:
+        scheduler.run(
+            state_url, stop=stop, interval=interval, once=once, barrier_timeout=barrier_timeout
         )
 
 

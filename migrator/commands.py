@@ -26,6 +26,9 @@ from migrator.store.repository import iter_all
 
 ProgressFn = Callable[[Progress], None]
 
+#: Phases in which `migrator verify` may run: the copy is complete and the old key still whole.
+VERIFIABLE = (Phase.VERIFYING, Phase.VERIFIED, Phase.GRAY, Phase.CUTOVER)
+
 
 def validate(path: str) -> Plan:
     return load_plan(path)
@@ -45,8 +48,11 @@ def apply(
     stop: threading.Event | None = None,
     on_progress: ProgressFn | None = None,
     barrier_timeout: float = 60.0,
+    force: bool = False,
 ) -> Job:
-    """Register the plan's job (idempotent) and run it forward to ``verified``."""
+    """Register the plan's job (idempotent) and run it forward to ``verified``.
+
+    ``force`` copies even when the memory preflight finds too little headroom (audited)."""
     plan = load_plan(path)
     existing = peek_job(state_url, plan.name)
     if existing and existing.spec_hash != plan.spec_hash() and existing.phase not in TERMINAL:
@@ -58,11 +64,14 @@ def apply(
         )
     if existing and existing.phase == Phase.DONE:
         return existing
-    client = connect(plan.redis.url)
+    client = connect(plan.redis.url, name=f"migrator:{plan.name}:preflight")
     try:
         fresh = existing is None or existing.phase == Phase.ROLLED_BACK
-        if fresh:
-            preflight(client, plan, allow_no_instances=allow_no_instances)
+        report = (
+            preflight(client, plan, allow_no_instances=allow_no_instances, force=force)
+            if fresh
+            else None
+        )
     finally:
         client.close()
     store = open_store(state_url)
@@ -71,6 +80,16 @@ def apply(
             store.create_job(plan, allow_no_instances=allow_no_instances)
         elif existing.phase == Phase.ROLLED_BACK:
             store.reset_for_reapply(plan.name, plan)
+        if force and report is not None and report.headroom is not None:
+            room = report.headroom
+            store.add_event(
+                plan.name,
+                "flag",
+                to_value="force",
+                detail="apply --force: memory preflight "
+                + ("overridden: " if not room.fits else "passed: ")
+                + room.describe(),
+            )
         runner = Runner(
             store, plan.name, stop=stop, on_progress=on_progress, barrier_timeout=barrier_timeout
         )
@@ -239,20 +258,28 @@ def verify(
     store = _store_for(state_url)
     try:
         job = store.get_job(name)
-        if job.phase not in (Phase.VERIFYING, Phase.VERIFIED, Phase.GRAY, Phase.CUTOVER):
+        if job.phase not in VERIFIABLE:
             raise InputError(
                 f"job {name} is in phase {job.phase}; verify runs once the copy has "
                 "finished and before cleanup"
             )
         runner = Runner(store, name, stop=stop, on_progress=on_progress)
-        report = runner._guard(
-            lambda: runner.verify(rounds=rounds, delay=delay, repair=repair, fresh=True), "verify"
-        )
+        # An interrupted run resumes from its checkpoint; a finished one starts a new run.
+        with runner.working(*VERIFIABLE):
+            report = runner._guard(
+                lambda: runner.verify(rounds=rounds, delay=delay, repair=repair), "verify"
+            )
         job = store.get_job(name)
         if job.phase == Phase.VERIFIED and not report.clean:
-            runner.move(Phase.VERIFYING, detail=f"verify run {report.run} found differences")
+            runner.move(
+                Phase.VERIFYING,
+                detail=f"verify run {report.run} found differences",
+                expect=Phase.VERIFIED,
+            )
         elif job.phase == Phase.VERIFYING and report.clean:
-            runner.move(Phase.VERIFIED, detail=f"verify run {report.run} clean")
+            runner.move(
+                Phase.VERIFIED, detail=f"verify run {report.run} clean", expect=Phase.VERIFYING
+            )
         return report
     finally:
         store.close()

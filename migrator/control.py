@@ -11,6 +11,7 @@ Depends only on redis-py, keys and phases: the shim imports it.
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
@@ -19,6 +20,7 @@ from typing import Any
 import redis
 
 from migrator import keys
+from migrator.errors import Interrupted
 from migrator.phases import Phase
 
 #: An instance whose last heartbeat is older than this is no longer live.
@@ -166,12 +168,14 @@ def wait_for_ack(
     *,
     timeout: float,
     poll: float = 0.2,
+    stop: threading.Event | None = None,
 ) -> list[Instance]:
     """Block until every live instance acknowledged ``epoch``; return them.
 
     Returns the (possibly empty) list of live instances once none lags; raises TimeoutError
     with the laggards after ``timeout`` seconds. An instance that stops heartbeating drops out
     of the live set after LIVE_WINDOW_S, so a crashed app process cannot hold the barrier.
+    A set ``stop`` event ends the wait early with :class:`~migrator.errors.Interrupted`.
     """
     deadline = time.monotonic() + timeout
     while True:
@@ -181,4 +185,7 @@ def wait_for_ack(
             return live
         if time.monotonic() >= deadline:
             raise TimeoutError(behind)
-        time.sleep(poll)
+        if stop is None:
+            time.sleep(poll)
+        elif stop.wait(poll):
+            raise Interrupted(f"stopped on request while waiting for epoch {epoch}")

@@ -31,5 +31,10 @@ def counters(job: str) -> str:
     return f"{_prefix(job)}:counters"
 
 
+def lock(job: str) -> str:
+    """String with a TTL: the runner lease (one process works a job at a time; lease.py)."""
+    return f"{_prefix(job)}:lock"
+
+
 def all_keys(job: str) -> list[str]:
-    return [control(job), instances(job), heartbeats(job), counters(job)]
+    return [control(job), instances(job), heartbeats(job), counters(job), lock(job)]

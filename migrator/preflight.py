@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import redis
 
-from migrator import control
+from migrator import control, memory
 from migrator.errors import PreflightError
 from migrator.plan import Plan
 
@@ -16,6 +16,20 @@ class PreflightReport:
     source_type: str
     members: int
     live_instances: int
+    headroom: memory.Headroom | None = None
+
+
+def check_memory(client: redis.Redis, plan: Plan, *, force: bool) -> memory.Headroom:
+    """Refuse a copy whose estimated size does not fit below the memory limit (memory.py),
+    unless ``force``; the numbers go in the message either way."""
+    room = memory.headroom(client, plan.source.key, plan.target.shards)
+    if not room.fits and not force:
+        raise PreflightError(
+            f"not enough memory for the copy of {plan.source.key!r}: {room.describe()}",
+            hint="raise maxmemory or free memory first; --force copies anyway (audited), "
+            "and the memory gate then pauses the copy near the limit",
+        )
+    return room
 
 
 def detect_type(client: redis.Redis, plan: Plan) -> str:
@@ -43,8 +57,12 @@ def taken_shard_keys(client: redis.Redis, plan: Plan) -> list[str]:
     return [k for k, n in zip(shard_keys, pipe.execute(), strict=True) if n]
 
 
-def preflight(client: redis.Redis, plan: Plan, *, allow_no_instances: bool) -> PreflightReport:
-    """Refuse (PreflightError, exit 2) a plan the target cannot take; else report what it saw."""
+def preflight(
+    client: redis.Redis, plan: Plan, *, allow_no_instances: bool, force: bool = False
+) -> PreflightReport:
+    """Refuse (PreflightError, exit 2) a plan the target cannot take; else report what it saw.
+
+    ``force`` overrides the memory check only (the caller audits it)."""
     kind = detect_type(client, plan)
     taken = taken_shard_keys(client, plan)
     if taken:
@@ -62,4 +80,5 @@ def preflight(client: redis.Redis, plan: Plan, *, allow_no_instances: bool) -> P
             f"{plan.name!r}) first, or pass --allow-no-instances if no application writes "
             f"{plan.source.key!r} meanwhile",
         )
-    return PreflightReport(kind, int(client.hlen(plan.source.key)), len(live))
+    room = check_memory(client, plan, force=force)
+    return PreflightReport(kind, int(client.hlen(plan.source.key)), len(live), room)

@@ -9,11 +9,13 @@ record for the stored phase before doing anything else.
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import redis
 from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_exponential
@@ -30,6 +32,8 @@ from migrator.errors import (
     RedisUnavailable,
     VerificationFailed,
 )
+from migrator.gates import default_gates
+from migrator.lease import Lease
 from migrator.phases import BEFORE_CLEANING, RATIO_PHASES, Phase, phase_for_ratio
 from migrator.redisio import Scripts, connect, supports_unlink
 from migrator.scanloop import Progress, Step, drive
@@ -97,6 +101,7 @@ class Runner:
         barrier_timeout: float = 60.0,
         gates: Callable[[Runner], Sequence[Gate]] | None = None,
         client: redis.Redis | None = None,
+        lease_wait: float = 10.0,
     ) -> None:
         self.store = store
         self.name = name
@@ -110,6 +115,43 @@ class Runner:
         self.shard_keys = self.plan.target.shard_keys()
         self.budget_us = self.plan.copy_.max_command_ms * 1000.0
         self._gates = gates
+        self._gate_list: list[Gate] | None = None
+        self.lease_wait = lease_wait
+        self._lease: Lease | None = None
+        # The phases the work in progress belongs to; leaving them (a rollback or cleanup
+        # from another shell) stops the work after the batch in flight.
+        self._phases: frozenset[Phase] | None = None
+
+    def close(self) -> None:
+        self.client.close()
+
+    @contextmanager
+    def leased(self, purpose: str, *, preempting: bool = False) -> Iterator[Lease]:
+        """Hold the job's lease (lease.py) for the block; re-entrant within this runner.
+
+        ``preempting``: the caller has just moved the phase away from the holder's work, so it
+        waits (up to ``lease_wait``) for the holder to stop and let go.
+        """
+        if self._lease is not None:
+            yield self._lease
+            return
+        lease = Lease(self.client, self.name, purpose=purpose, on_lost=self.stop.set)
+        lease.acquire(self.lease_wait, preempting=preempting)
+        self._lease = lease
+        try:
+            yield lease
+        finally:
+            self._lease = None
+            lease.release()
+
+    @contextmanager
+    def working(self, *phases: Phase) -> Iterator[None]:
+        """The block's batches stop (Interrupted) once the job leaves ``phases``."""
+        previous, self._phases = self._phases, frozenset(phases)
+        try:
+            yield
+        finally:
+            self._phases = previous
 
     # -- plumbing ---------------------------------------------------------------------------
     def refresh(self) -> Job:
@@ -136,35 +178,78 @@ class Runner:
     def publish(self) -> None:
         control.publish(self.client, self.record())
 
-    def move(self, to: Phase, *, ratio: int | None = None, detail: str | None = None) -> Job:
-        self.job = self.store.transition(self.name, to, ratio=ratio, detail=detail)
+    def move(
+        self,
+        to: Phase,
+        *,
+        ratio: int | None = None,
+        detail: str | None = None,
+        expect: Phase | None = None,
+    ) -> Job:
+        """Store first (``expect``: only from that phase), then the control record."""
+        self.job = self.store.transition(self.name, to, ratio=ratio, detail=detail, expect=expect)
         self.publish()
         return self.job
 
     def barrier(self, purpose: str) -> None:
-        """Wait until every live shim has applied the current epoch (SPEC §5)."""
+        """Wait until every live shim has applied the current epoch (SPEC §5).
+
+        Raises Interrupted if the job's epoch moves on meanwhile (a rollback from another
+        shell): this barrier is then moot, and the phase it guarded is not to be entered.
+        """
         epoch = self.job.epoch
-        try:
-            live = control.wait_for_ack(self.client, self.name, epoch, timeout=self.barrier_timeout)
-        except TimeoutError as e:
-            behind = e.args[0]
-            names = ", ".join(f"{i.id} ({i.host} pid {i.pid}, epoch {i.epoch})" for i in behind)
-            msg = (
-                f"barrier for {purpose}: {len(behind)} live app instance(s) did not acknowledge "
-                f"epoch {epoch} within {self.barrier_timeout:g}s: {names}"
-            )
-            self.store.update_job(self.name, last_error=msg)
-            raise BarrierTimeout(msg, hint="check those instances; the step is resumable") from None
+        deadline = time.monotonic() + self.barrier_timeout
+        while True:
+            try:
+                live = control.wait_for_ack(
+                    self.client,
+                    self.name,
+                    epoch,
+                    timeout=max(0.0, min(1.0, deadline - time.monotonic())),
+                    stop=self.stop,
+                )
+                break
+            except TimeoutError as e:
+                if time.monotonic() >= deadline:
+                    self._barrier_timeout(purpose, epoch, e.args[0])
+                now = self.store.get_job(self.name)
+                if now.epoch != epoch:
+                    raise Interrupted(
+                        f"job {self.name} moved to phase {now.phase} (epoch {now.epoch}) while "
+                        f"waiting for the {purpose} barrier; this run stops here"
+                    ) from None
         detail = f"{purpose}: epoch {epoch} acknowledged by {len(live)} live instance(s)"
         self.store.add_event(self.name, "barrier", to_value=str(epoch), detail=detail)
+
+    def _barrier_timeout(self, purpose: str, epoch: int, behind: list[Any]) -> NoReturn:
+        names = ", ".join(f"{i.id} ({i.host} pid {i.pid}, epoch {i.epoch})" for i in behind)
+        msg = (
+            f"barrier for {purpose}: {len(behind)} live app instance(s) did not acknowledge "
+            f"epoch {epoch} within {self.barrier_timeout:g}s: {names}"
+        )
+        self.store.update_job(self.name, last_error=msg)
+        raise BarrierTimeout(msg, hint="check those instances; the step is resumable")
 
     def pacer(self) -> Pacer:
         def controls() -> Controls:
             j = self.store.get_job(self.name)
+            if self._phases is not None and j.phase not in self._phases:
+                raise Interrupted(
+                    f"job {self.name} moved to phase {j.phase} meanwhile (another command); "
+                    "this run stops here"
+                )
             return Controls(paused=j.paused, rate=j.rate_override)
 
-        gates = list(self._gates(self)) if self._gates else []
-        return Pacer(self.plan.copy_.rate, stop=self.stop, controls=controls, gates=gates)
+        if self._gate_list is None:
+            # One set per runner, shared by its loops: the latency gate keeps its baseline.
+            self._gate_list = (
+                list(self._gates(self))
+                if self._gates
+                else default_gates(self.client, self.name, self.store.url)
+            )
+        return Pacer(
+            self.plan.copy_.rate, stop=self.stop, controls=controls, gates=self._gate_list
+        )
 
     def sizer(self) -> BatchSizer:
         return BatchSizer(self.plan.copy_.batch, self.budget_us)
@@ -181,11 +266,14 @@ class Runner:
 
     def _report(self, stage: str) -> Callable[[Progress], None]:
         def report(p: Progress) -> None:
+            cp = self.store.get_checkpoint(self.job, stage)
             self.store.save_checkpoint(
                 self.job,
                 stage,
-                *self._cursor_of(stage),
-                extra={**self._extra_of(stage), "rate": round(p.rate, 1), "throttle": p.reason},
+                *((cp.cursor, cp.members_done) if cp else ("0", 0)),
+                # The report follows the loop's last save: keep its ``finished``.
+                finished=cp.finished if cp else False,
+                extra={**(cp.extra if cp else {}), "rate": round(p.rate, 1), "throttle": p.reason},
             )
             if self.on_progress:
                 self.on_progress(p)
@@ -217,28 +305,35 @@ class Runner:
 
     # -- forward: plan apply ------------------------------------------------------------------
     def apply(self) -> Job:
-        """Run the job forward from wherever it is to ``verified`` (resumable at every step)."""
-        self.publish()
-        while True:
-            phase = self.refresh().phase
-            if phase == P.PLANNED:
-                self.move(P.DUAL_WRITE, detail="plan apply")
-            elif phase == P.DUAL_WRITE:
-                self.barrier("dual_write")
-                self.move(P.COPYING)
-            elif phase == P.COPYING:
-                self._guard(self.copy, "copy")
-                self.move(P.VERIFYING)
-            elif phase == P.VERIFYING:
-                report = self._guard(lambda: self.verify(), "verify")
-                if not report.clean:
-                    raise VerificationFailed(
-                        _diff_message(self.name, report),
-                        hint=f"migrator verify {self.name} --show / --repair",
-                    )
-                self.move(P.VERIFIED, detail=f"verify run {report.run} clean")
-            else:
-                return self.job
+        """Run the job forward from wherever it is to ``verified`` (resumable at every step).
+
+        Holds the job's lease throughout; every move names the phase it starts from, so a
+        rollback made meanwhile from another shell is never overwritten.
+        """
+        with self.leased("apply"):
+            self.publish()
+            while True:
+                phase = self.refresh().phase
+                if phase == P.PLANNED:
+                    self.move(P.DUAL_WRITE, detail="plan apply", expect=phase)
+                elif phase == P.DUAL_WRITE:
+                    self.barrier("dual_write")
+                    self.move(P.COPYING, expect=phase)
+                elif phase == P.COPYING:
+                    with self.working(P.COPYING):
+                        self._guard(self.copy, "copy")
+                    self.move(P.VERIFYING, expect=phase)
+                elif phase == P.VERIFYING:
+                    with self.working(P.VERIFYING):
+                        report = self._guard(lambda: self.verify(), "verify")
+                    if not report.clean:
+                        raise VerificationFailed(
+                            _diff_message(self.name, report),
+                            hint=f"migrator verify {self.name} --show / --repair",
+                        )
+                    self.move(P.VERIFIED, detail=f"verify run {report.run} clean", expect=phase)
+                else:
+                    return self.job
 
     def copy(self) -> int:
         cp = self.store.get_checkpoint(self.job, "copy")
@@ -247,7 +342,13 @@ class Runner:
         total = int(self.client.hlen(self.plan.source.key))
         self.job = self.store.update_job(self.name, total_members=total)
         copier = HashCopier(
-            self.client, self.scripts, self.plan.source.key, self.shard_keys, self.budget_us
+            self.client,
+            self.scripts,
+            self.plan.source.key,
+            self.shard_keys,
+            self.budget_us,
+            hash_name=self.plan.target.hash,
+            scan=self.plan.copy_.batch,
         )
         cursor, done = (cp.cursor, cp.members_done) if cp else ("0", 0)
         if cp:
@@ -276,8 +377,12 @@ class Runner:
         """Diff source and shards both ways; re-check suspects in later rounds; store them all.
 
         Resumable: the pass position lives in checkpoint ``verify``; suspects live in the
-        ``diffs`` table as they are found.
+        ``diffs`` table as they are found. Runs under the job's lease.
         """
+        with self.leased("verify"):
+            return self._verify(rounds=rounds, delay=delay, repair=repair, fresh=fresh)
+
+    def _verify(self, *, rounds: int, delay: float, repair: bool, fresh: bool) -> VerifyReport:
         verifier = HashVerifier(self.client, self.scripts, self.plan.source.key, self.shard_keys)
         cp = self.store.get_checkpoint(self.job, "verify")
         if cp is None or cp.finished or fresh or "run" not in cp.extra:
@@ -299,6 +404,8 @@ class Runner:
         save = self._saver("verify", extra)
         # Pass 0 is the source → shards direction; pass i+1 is shard i → source.
         total_passes = 1 + len(self.shard_keys)
+        # The shard passes cost alike per member: one sizer carries over from shard to shard.
+        forward_sizer, backward_sizer = self.sizer(), self.sizer()
         while state["pass"] < total_passes:
             p = state["pass"]
             step = verifier.forward(sink) if p == 0 else verifier.backward(p - 1, sink)
@@ -308,10 +415,10 @@ class Runner:
                 cursor=cursor,
                 done=done,
                 total=self.job.total_members,
-                sizer=self.sizer(),
+                sizer=forward_sizer if p == 0 else backward_sizer,
                 pacer=self.pacer(),
                 save=save,
-                report=self.on_progress and (lambda pr: self.on_progress(pr)),
+                report=self._report("verify"),
             )
             if p == 0:
                 state["source_checked"] = done
@@ -331,6 +438,7 @@ class Runner:
             self._recheck(verifier, run, "suspect")
         # What survived every round is confirmed.
         self.store.set_diff_status(self.job, run, "suspect", "confirmed")
+        self.store.drop_duplicate_diffs(self.job, run, "confirmed")
         if repair:
             report.repaired = self._repair(verifier, run)
         report.confirmed = self.store.count_diffs(self.job, run, status="confirmed")
@@ -347,9 +455,13 @@ class Runner:
         from migrator.store import iter_all
 
         batch: list[Any] = []
+        # A re-check costs more per member than a scan step (two or three lookups): start small.
+        sizer = BatchSizer(self.plan.copy_.batch, self.budget_us, start=16)
 
         def flush() -> None:
-            still, _ = verifier.recheck([(d.member, d.shard) for d in batch])
+            chunk = sizer.batch
+            still, worst = verifier.recheck([(d.member, d.shard) for d in batch], chunk=chunk)
+            sizer.observe(worst, min(chunk, len(batch)))
             alive = {(m, s): k for m, k, s in still}
             self.store.update_diffs(
                 [
@@ -383,8 +495,8 @@ class Runner:
         def flush() -> int:
             pacer.before_batch()
             for found in {d.shard for d in page}:
-                copier.sync([d.member for d in page if d.shard == found], chunk=50, found=found)
-            still, _ = verifier.recheck([(d.member, d.shard) for d in page])
+                copier.sync([d.member for d in page if d.shard == found], chunk=32, found=found)
+            still, _ = verifier.recheck([(d.member, d.shard) for d in page], chunk=32)
             alive = {(m, s) for m, _k, s in still}
             fixed = [d for d in page if (d.member, d.shard) not in alive]
             self.store.update_diffs([(d.id, "repaired", d.kind) for d in fixed])
@@ -430,7 +542,11 @@ class Runner:
 
     # -- rollback ---------------------------------------------------------------------------
     def rollback(self) -> Job:
-        """Back to old-only: ratio 0, shims stop writing shards (barrier), shards removed."""
+        """Back to old-only: ratio 0, shims stop writing shards (barrier), shards removed.
+
+        The phase moves first, so a copy or verify running elsewhere stops after its batch
+        and gives up the lease this then waits for.
+        """
         job = self.refresh()
         if job.phase in BEFORE_CLEANING:
             self.move(P.ROLLING_BACK, ratio=0, detail="rollback")
@@ -439,26 +555,28 @@ class Runner:
                 f"job {self.name} is in phase {job.phase}; rollback is possible only before "
                 "cleanup starts"
             )
-        self.publish()
-        self.barrier("rollback")
-        self._guard(lambda: self._remove_keys("rollback", self.shard_keys), "rollback")
-        return self.move(P.ROLLED_BACK, detail="shard keys removed")
+        with self.leased("rollback", preempting=True):
+            self.publish()
+            self.barrier("rollback")
+            self._guard(lambda: self._remove_keys("rollback", self.shard_keys), "rollback")
+            return self.move(P.ROLLED_BACK, detail="shard keys removed", expect=P.ROLLING_BACK)
 
     # -- cleanup ----------------------------------------------------------------------------
-    def cleanup(self) -> Job:
+    def cleanup(self, *, detail: str = "cleanup") -> Job:
         """From cutover: shims stop writing the old key (barrier), then the old key goes."""
         job = self.refresh()
         if job.phase == P.CUTOVER:
-            self.move(P.CLEANING, detail="cleanup")
+            self.move(P.CLEANING, detail=detail, expect=P.CUTOVER)
         elif job.phase != P.CLEANING:
             raise IllegalTransition(
                 f"job {self.name} is in phase {job.phase}; cleanup starts only from cutover "
                 "(migrator set-ratio 100 first)"
             )
-        self.publish()
-        self.barrier("cleanup")
-        self._guard(lambda: self._remove_keys("cleanup", [self.plan.source.key]), "cleanup")
-        return self.move(P.DONE, detail="old key removed")
+        with self.leased("cleanup", preempting=True):
+            self.publish()
+            self.barrier("cleanup")
+            self._guard(lambda: self._remove_keys("cleanup", [self.plan.source.key]), "cleanup")
+            return self.move(P.DONE, detail="old key removed", expect=P.CLEANING)
 
     def removal_mode(self) -> str:
         mode = self.plan.cleanup.mode
@@ -479,6 +597,13 @@ class Runner:
                 remover.unlink(key)
             else:
                 cursor, done = (cp.cursor, cp.members_done) if cp and index == start else ("0", 0)
+                if cursor != "0":
+                    self.store.add_event(
+                        self.name,
+                        "resume",
+                        to_value=cursor,
+                        detail=f"{stage} of {key} resumed at cursor {cursor} ({done} done)",
+                    )
                 # A scan pass can miss members added behind the cursor; repeat until gone.
                 while remover.exists(key):
                     done = drive(
@@ -489,12 +614,17 @@ class Runner:
                         total=None,
                         sizer=self.sizer(),
                         pacer=self.pacer(),
-                        save=self._saver(stage, lambda s=state: dict(s)),
-                        report=self.on_progress and (lambda pr: self.on_progress(pr)),
+                        save=self._saver(stage, functools.partial(dict, state)),
+                        report=self._report(stage),
                     )
                     cursor = "0"
             self.store.save_checkpoint(
-                self.job, stage, "0", 0, extra={"key": index + 1, "mode": mode}
+                self.job,
+                stage,
+                "0",
+                0,
+                finished=index + 1 == len(keys),
+                extra={"key": index + 1, "mode": mode},
             )
         self.store.add_event(
             self.name, stage, to_value=mode, detail=f"{len(keys)} key(s) removed by {mode}"

@@ -19,7 +19,8 @@ from migrator.throttle import BatchSizer, Pacer
 class Step:
     cursor: str
     members: int
-    elapsed_us: float
+    elapsed_us: float  # server time of the longest command of the step
+    command_members: int = 0  # members that command handled (0: all of ``members``)
 
 
 @dataclass
@@ -46,25 +47,35 @@ def drive(
 ) -> int:
     """Run ``step`` from ``cursor`` to the end of the scan; return members done."""
     started, start_done = time.monotonic(), done
-    last_save = time.monotonic()
+    last_save = last_report = time.monotonic()
     first = True
+
+    def progress(reason: str | None) -> None:
+        if report:
+            elapsed = max(time.monotonic() - started, 1e-6)
+            report(Progress(stage, done, total, (done - start_done) / elapsed, reason))
+
+    def waiting(reason: str | None) -> None:
+        # Held by a gate, the operator or the rate ceiling: keep `status` showing why.
+        nonlocal last_report
+        now = time.monotonic()
+        if now - last_report >= save_every:
+            last_report = now
+            progress(reason)
+
     try:
         while first or cursor != "0":
             first = False
-            pacer.before_batch()
+            pacer.before_batch(waiting)
             result = step(cursor, sizer.batch)
-            sizer.observe(result.elapsed_us, result.members)
+            sizer.observe(result.elapsed_us, result.command_members or result.members)
             cursor, done = result.cursor, done + result.members
-            pacer.after_batch(result.members)
             now = time.monotonic()
             if cursor == "0" or now - last_save >= save_every:
                 save(cursor, done, cursor == "0")
-                last_save = now
-                if report:
-                    elapsed = max(now - started, 1e-6)
-                    report(
-                        Progress(stage, done, total, (done - start_done) / elapsed, pacer.reason)
-                    )
+                last_save = last_report = now
+                progress(pacer.reason)
+            pacer.after_batch(result.members, waiting)
     except BaseException:
         # Whatever stopped us (a stop request, a Redis error that outlived its retries), the
         # last acknowledged cursor is kept so the work resumes there.

@@ -16,9 +16,12 @@ from redis.commands.core import Script
 
 NAMES = (
     "hash_copy",
+    "hash_copy_members",
     "hash_sync",
     "hash_verify",
     "hash_verify_shard",
+    "hash_verify_members",
+    "hash_missing_members",
     "hash_check",
     "hash_dual",
     "delete_step",
@@ -58,6 +61,19 @@ class Scripts:
     def __init__(self, client: redis.Redis) -> None:
         self._client = client
         self._scripts: dict[str, Script] = {n: client.register_script(source(n)) for n in NAMES}
+
+    def script(self, name: str) -> Script:
+        """The registered script ``name``: its ``sha`` for EVALSHA queued on a raw pipeline
+        (no SCRIPT EXISTS round trip per execute); on NoScriptError, ``load`` and re-run."""
+        return self._scripts[name]
+
+    def load(self, name: str) -> None:
+        script = self._scripts[name]
+        script.sha = self._client.script_load(script.script)
+
+    def load_all(self) -> None:
+        for name in self._scripts:
+            self.load(name)
 
     def __getattr__(self, name: str) -> Any:
         try:

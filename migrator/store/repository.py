@@ -11,6 +11,7 @@ import getpass
 import os
 import secrets
 import socket
+import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -27,6 +28,7 @@ from migrator.plan import Plan
 from migrator.store.tables import checkpoints, diffs, events, jobs
 
 DEFAULT_STATE_URL = "sqlite:///.migrator/state.db"
+_UPGRADE_LOCK = threading.Lock()
 
 
 def now() -> datetime:
@@ -164,7 +166,8 @@ def open_store(url: str | None = None) -> Store:
     """Open (and on first use create or upgrade, through Alembic) the store at ``url``."""
     url = url or os.environ.get("MIGRATOR_STATE_URL") or DEFAULT_STATE_URL
     engine = _engine(url)
-    with engine.begin() as conn:
+    # Alembic's command API keeps module-global state: one upgrade at a time per process.
+    with _UPGRADE_LOCK, engine.begin() as conn:
         if _current(conn) != _head():
             from alembic import command
 
@@ -487,13 +490,35 @@ class Store:
                 .values(status=new)
             )
 
+    def drop_duplicate_diffs(self, job: Job, run: int, status: str) -> None:
+        """Keep one row per (member, shard, kind): a scan may return a member twice (rehash,
+        or the batches re-scanned after a resume), but it is one difference."""
+        keep = (
+            sa.select(sa.func.min(diffs.c.id))
+            .where(diffs.c.job_id == job.id, diffs.c.run == run, diffs.c.status == status)
+            .group_by(diffs.c.member, diffs.c.shard, diffs.c.kind)
+        )
+        with self.engine.begin() as conn:
+            conn.execute(
+                diffs.delete().where(
+                    diffs.c.job_id == job.id,
+                    diffs.c.run == run,
+                    diffs.c.status == status,
+                    diffs.c.id.not_in(keep),
+                )
+            )
+
     def last_verify_run(self, job: Job) -> int:
+        """The latest verify run: a clean run stores no diff, so its number is taken from the
+        ``verify`` checkpoint too (else the next run would reuse it)."""
         with self.engine.connect() as conn:
-            return conn.execute(
+            stored = conn.execute(
                 sa.select(sa.func.coalesce(sa.func.max(diffs.c.run), 0)).where(
                     diffs.c.job_id == job.id
                 )
             ).scalar_one()
+        cp = self.get_checkpoint(job, "verify")
+        return max(int(stored), int(cp.extra.get("run", 0)) if cp else 0)
 
     def iter_diffs(
         self, job: Job, run: int, *, status: str | None = None, after_id: int = 0, limit: int = 1000

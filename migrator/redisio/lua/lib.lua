@@ -11,9 +11,17 @@ local function crc32(s)
   end
   return bxor(crc, 0xFFFFFFFF) % 4294967296
 end
-local function now_us()
+local function wall_us()
   local t = redis.call('TIME')
   return tonumber(t[1]) * 1000000 + tonumber(t[2])
+end
+-- The clock a script measures its own server time with (the runner's budget). Valkey freezes
+-- TIME for the whole script (it would always report 0 µs) but offers os.clock(), the server's
+-- CPU time; Redis 7 has no os library, and its TIME advances inside a script.
+local has_clock = pcall(function() return os.clock() end)
+local function now_us()
+  if has_clock then return os.clock() * 1000000 end
+  return wall_us()
 end
 -- Absolute expiry of a key in ms, or nil when it has none. PEXPIRETIME where the server has it
 -- (Redis 7+, Valkey), else PTTL + TIME.
@@ -24,7 +32,7 @@ local function deadline_ms(key)
     return nil
   end
   local pttl = redis.call('PTTL', key)
-  if pttl > 0 then return math.floor(now_us() / 1000) + pttl end
+  if pttl > 0 then return math.floor(wall_us() / 1000) + pttl end
   return nil
 end
 -- Give a shard the source's absolute deadline, when the source has one and the shard has none.

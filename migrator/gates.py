@@ -1,0 +1,207 @@
+"""The runner's gates: reasons to hold copy, verify and cleanup work (``throttle.Gate``).
+
+Every loop the runner drives asks its gates before each batch (each gate at most every
+``interval`` seconds); any gate that answers holds the work, and its answer is the ``throttle``
+reason ``migrator status`` shows. Defaults (:func:`default_gates`):
+
+* :class:`PauseFileGate` — a file that exists: ``$MIGRATOR_PAUSE_FILE``, or ``pause`` (every
+  job) / ``pause-NAME`` (one job) in the state directory (the SQLite state file's directory,
+  ``.migrator/`` by default; ``.migrator/`` in the working directory for other stores).
+* :class:`LatencyGate` — a PING, between batches, answered much slower than the idle baseline
+  measured at start: another client is suffering.
+* :class:`MemoryGate` — ``used_memory`` above 90% of ``maxmemory``.
+* :class:`ReplicaLagGate` — a replica behind by more than 16 MiB of replication stream,
+  silent for more than 5 s, or in a full resync.
+
+Gates hold the work; they never fail it: an error while checking is itself a reason to hold.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import statistics
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import redis
+
+from migrator.memory import PAUSE_AT, info, mb
+from migrator.throttle import Gate
+
+#: Environment variable naming one more pause file.
+PAUSE_FILE_ENV = "MIGRATOR_PAUSE_FILE"
+
+
+def state_dir(state_url: str | None) -> Path:
+    """Where pause files live: next to the SQLite state file, else ``./.migrator``."""
+    url = state_url or os.environ.get("MIGRATOR_STATE_URL") or "sqlite:///.migrator/state.db"
+    if url.startswith("sqlite:///") and not url.startswith("sqlite:///:memory:"):
+        return Path(url.removeprefix("sqlite:///")).parent
+    return Path(".migrator")
+
+
+def pause_files(job: str, state_url: str | None) -> list[Path]:
+    """The files whose existence pauses ``job``, in the order they are reported."""
+    d = state_dir(state_url)
+    files = [d / f"pause-{job}", d / "pause"]
+    if os.environ.get(PAUSE_FILE_ENV):
+        files.insert(0, Path(os.environ[PAUSE_FILE_ENV]))
+    return files
+
+
+class PauseFileGate(Gate):
+    """Holds while any of ``paths`` exists (touch to pause, remove to resume)."""
+
+    interval = 0.25
+
+    def __init__(self, paths: Sequence[Path]) -> None:
+        self.paths = list(paths)
+
+    def check(self) -> str | None:
+        for p in self.paths:
+            if p.exists():
+                return f"pause file {p}"
+        return None
+
+
+class LatencyGate(Gate):
+    """Holds while the median of recent PING round trips is far above the idle baseline.
+
+    The baseline is the median of a few probes at start, lowered whenever the server answers
+    faster later (a runner started on a busy server learns the true idle value). Holds when the
+    median of the last ``window`` probes exceeds both ``factor`` x baseline and baseline +
+    ``floor_ms``; goes on once it is back under half that excess. The probes run between
+    batches, so they measure what other clients meet, not the runner's own commands.
+    """
+
+    interval = 0.2
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        *,
+        factor: float = 3.0,
+        floor_ms: float = 1.0,
+        window: int = 5,
+        clock: Callable[[], float] = time.perf_counter,
+    ) -> None:
+        self.client = client
+        self.factor = factor
+        self.floor_ms = floor_ms
+        self._clock = clock
+        self.recent: deque[float] = deque(maxlen=window)
+        self.baseline_ms = statistics.median(self._probe() for _ in range(window))
+        self.holding = False
+
+    def _probe(self) -> float:
+        t = self._clock()
+        self.client.ping()
+        return (self._clock() - t) * 1000.0
+
+    def threshold_ms(self) -> float:
+        return max(self.baseline_ms * self.factor, self.baseline_ms + self.floor_ms)
+
+    def check(self) -> str | None:
+        try:
+            self.recent.append(self._probe())
+        except redis.RedisError as e:
+            return f"latency probe failed: {e}"
+        median = statistics.median(self.recent)
+        if len(self.recent) == self.recent.maxlen:
+            self.baseline_ms = min(self.baseline_ms, median)
+        limit = self.threshold_ms()
+        resume_below = self.baseline_ms + (limit - self.baseline_ms) / 2
+        self.holding = median > (resume_below if self.holding else limit)
+        if self.holding:
+            return (
+                f"server latency: PING median {median:.2f} ms, idle {self.baseline_ms:.2f} ms "
+                f"(holding above {limit:.2f} ms)"
+            )
+        return None
+
+
+class MemoryGate(Gate):
+    """Holds while ``used_memory`` is above ``pause_at`` of ``maxmemory`` (none set: never).
+
+    Checked often (INFO memory is cheap): a fast copy adds megabytes per second."""
+
+    interval = 0.1
+
+    def __init__(self, client: redis.Redis, *, pause_at: float = PAUSE_AT) -> None:
+        self.client = client
+        self.pause_at = pause_at
+
+    def check(self) -> str | None:
+        try:
+            mem = info(self.client, "memory")
+        except redis.RedisError as e:
+            return f"memory check failed: {e}"
+        used, maxmemory = int(mem.get("used_memory", 0)), int(mem.get("maxmemory", 0))
+        if maxmemory and used > self.pause_at * maxmemory:
+            return (
+                f"memory: used_memory {mb(used)} is {used / maxmemory:.0%} of maxmemory "
+                f"{mb(maxmemory)} (holding above {self.pause_at:.0%})"
+            )
+        return None
+
+
+_SLAVE = re.compile(r"^slave\d+$")
+
+
+class ReplicaLagGate(Gate):
+    """Holds while a replica is more than ``max_bytes`` of replication stream behind the
+    primary, has not acknowledged for more than ``max_silence_s`` seconds, or is in a full
+    resync. Replicas acknowledge once a second, so the byte lag includes up to a second of
+    stream."""
+
+    interval = 0.5
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        *,
+        max_bytes: int = 16 * 1_048_576,
+        max_silence_s: int = 5,
+    ) -> None:
+        self.client = client
+        self.max_bytes = max_bytes
+        self.max_silence_s = max_silence_s
+
+    def check(self) -> str | None:
+        try:
+            repl = info(self.client, "replication")
+        except redis.RedisError as e:
+            return f"replica check failed: {e}"
+        if repl.get("role") != "master":
+            return None
+        offset = int(repl.get("master_repl_offset", 0))
+        worst: list[str] = []
+        for name, replica in repl.items():
+            if not _SLAVE.match(name) or not isinstance(replica, dict):
+                continue
+            where = f"{replica.get('ip')}:{replica.get('port')}"
+            if replica.get("state") != "online":
+                # A full resync buffers every write for the replica: a copy now could overflow
+                # that buffer and restart the sync.
+                worst.append(f"{where} is syncing ({replica.get('state')})")
+                continue
+            behind = offset - int(replica.get("offset", 0))
+            silent = int(replica.get("lag", 0))
+            if behind > self.max_bytes or silent > self.max_silence_s:
+                worst.append(f"{where} {mb(max(behind, 0))} behind, last ack {silent}s ago")
+        if worst:
+            return "replica lag: " + "; ".join(worst)
+        return None
+
+
+def default_gates(client: redis.Redis, job: str, state_url: str | None) -> list[Gate]:
+    """The gates every runner loop uses unless told otherwise (``Runner(gates=...)``)."""
+    return [
+        PauseFileGate(pause_files(job, state_url)),
+        MemoryGate(client),
+        ReplicaLagGate(client),
+        LatencyGate(client),
+    ]

@@ -1,0 +1,191 @@
+"""One runner process works a job at a time: a lease in Redis, renewed while held.
+
+``SET migrator:{NAME}:lock <holder> NX PX <ttl>`` takes it; a background thread renews it
+every ``ttl / 4`` with a compare-and-set, so a holder that dies (SIGKILL, lost host) lets it
+expire within ``ttl``. A holder on *this* host whose process is gone is taken over at once
+(no need to wait for the expiry after a ``kill -9``). If renewal fails for ``ttl`` (the key
+was taken over, or Redis stayed unreachable), ``on_lost`` is called: the runner sets its stop
+event, so the batch in flight finishes, its checkpoint is kept, and the work stops.
+
+Contract: while :meth:`Lease.held` is true no other holder has the key; release only deletes
+the key when it still names this holder.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import socket
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import redis
+
+from migrator import keys
+from migrator.errors import JobBusy
+
+#: Lease lifetime without renewal; a crashed holder on another host blocks the job this long.
+TTL_S = 5.0
+
+_RENEW = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0
+"""
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+_TAKE_OVER = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+  return 1
+end
+return 0
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def _local_pid(raw: bytes | str, *, alive: bool = True) -> int | None:
+    """The holder's pid if it runs on this host and is (``alive``) or is not alive."""
+    try:
+        h = json.loads(raw)
+        pid = int(h["pid"])
+        if h["host"] != socket.gethostname():
+            return None
+    except (ValueError, KeyError, TypeError):
+        return None
+    return pid if _alive(pid) == alive else None
+
+
+def describe(raw: bytes | str | None) -> str:
+    """Who holds a lease, for messages: ``apply by user@host pid 123``."""
+    if raw is None:
+        return "nobody"
+    try:
+        h = json.loads(raw)
+        return f"{h['purpose']} on {h['host']} pid {h['pid']}"
+    except (ValueError, KeyError, TypeError):
+        return repr(raw)
+
+
+class Lease:
+    def __init__(
+        self,
+        client: redis.Redis,
+        job: str,
+        *,
+        purpose: str,
+        ttl: float = TTL_S,
+        on_lost: Callable[[], None] | None = None,
+    ) -> None:
+        self.client = client
+        self.job = job
+        self.key = keys.lock(job)
+        self.ttl_ms = int(ttl * 1000)
+        self.on_lost = on_lost
+        self.value = json.dumps(
+            {
+                "purpose": purpose,
+                "host": socket.gethostname(),
+                "pid": os.getpid(),
+                "token": secrets.token_hex(8),
+                "since": round(time.time(), 3),
+            },
+            sort_keys=True,
+        )
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.lost = False
+
+    # -- taking and giving back ------------------------------------------------------------
+    def try_acquire(self) -> bool:
+        if self.client.set(self.key, self.value, nx=True, px=self.ttl_ms):
+            return True
+        current: Any = self.client.get(self.key)
+        if current is not None and self._stale(current):
+            taken = self.client.eval(_TAKE_OVER, 1, self.key, current, self.value, str(self.ttl_ms))
+            return bool(taken)
+        return False
+
+    def acquire(self, wait: float = 0.0, *, preempting: bool = False) -> Lease:
+        """Take the lease, waiting up to ``wait`` seconds for it; raise JobBusy if it is kept.
+
+        Only a ``preempting`` caller (rollback, cleanup: it has just moved the phase, which makes
+        the holder stop after its batch) waits for a holder alive on this host; any other caller
+        waits only for a holder that may be dead elsewhere (its lease expires).
+        """
+        deadline = time.monotonic() + wait
+        while not self.try_acquire():
+            holder: Any = self.client.get(self.key)
+            here = holder is not None and _local_pid(holder) is not None
+            if time.monotonic() >= deadline or (here and not preempting):
+                raise JobBusy(
+                    f"job {self.job} is being worked by another runner ({describe(holder)})",
+                    hint="wait for it to finish, or stop that process; its lease expires "
+                    f"{self.ttl_ms / 1000:g}s after it dies",
+                )
+            time.sleep(0.05)
+        self._thread = threading.Thread(
+            target=self._renew_loop, name=f"lease:{self.job}", daemon=True
+        )
+        self._thread.start()
+        return self
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if not self.lost:
+            # On a Redis error it expires by itself within the TTL.
+            with contextlib.suppress(redis.RedisError):
+                self.client.eval(_RELEASE, 1, self.key, self.value)
+
+    @property
+    def held(self) -> bool:
+        return self._thread is not None and not self.lost
+
+    def __enter__(self) -> Lease:
+        return self
+
+    def __exit__(self, *_: Any) -> None:
+        self.release()
+
+    # -- internals ---------------------------------------------------------------------
+    def _stale(self, raw: bytes) -> bool:
+        """A holder on this host whose process no longer exists."""
+        pid = _local_pid(raw, alive=False)
+        return pid is not None
+
+    def _renew_loop(self) -> None:
+        interval = self.ttl_ms / 4000.0
+        last_ok = time.monotonic()
+        while not self._stop.wait(interval):
+            try:
+                ok = bool(self.client.eval(_RENEW, 1, self.key, self.value, str(self.ttl_ms)))
+                if ok:
+                    last_ok = time.monotonic()
+            except redis.RedisError:
+                ok = False
+                if time.monotonic() - last_ok < self.ttl_ms / 1000.0:
+                    continue  # a blip: keep trying while the lease is still ours
+            if not ok:
+                self.lost = True
+                if self.on_lost:
+                    self.on_lost()
+                return

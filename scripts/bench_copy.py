@@ -1,0 +1,66 @@
+"""The runner's copy loop alone, for the benchmark's tradeoff table.
+
+Usage: bench_copy.py URL SOURCE TEMPLATE SHARDS BUDGET_MS RATE SECONDS
+
+Runs exactly what ``Runner.copy`` runs (HashCopier driven by scanloop.drive with the batch
+sizer, the pacer and the default gates), minus the state store, for at most SECONDS, with
+the given server-time budget and rate ceiling. Prints ``members started ended worst_us``: wall
+clock times, and the longest server time a copy script reported by its own clock.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from migrator.copier import HashCopier  # noqa: E402
+from migrator.gates import default_gates  # noqa: E402
+from migrator.redisio import Scripts, connect  # noqa: E402
+from migrator.scanloop import Step, drive  # noqa: E402
+from migrator.throttle import BatchSizer, Pacer  # noqa: E402
+
+
+class TimeUp(Exception):
+    pass
+
+
+def main() -> int:
+    url, source, template = sys.argv[1], sys.argv[2], sys.argv[3]
+    shards, budget_ms = int(sys.argv[4]), float(sys.argv[5])
+    rate, seconds = float(sys.argv[6]), float(sys.argv[7])
+    client = connect(url, name="migrator:bench-sweep")
+    keys = [template.replace("{shard}", str(i)) for i in range(shards)]
+    copier = HashCopier(client, Scripts(client), source, keys, budget_ms * 1000.0)
+    done = 0
+    started = time.time()
+
+    def step(cursor: str, count: int) -> Step:
+        nonlocal done
+        if time.time() - started > seconds:
+            raise TimeUp
+        result = copier.step(cursor, count)
+        done += result.members
+        return result
+
+    with contextlib.suppress(TimeUp):  # the point's time is up
+        drive(
+            step,
+            stage="copy",
+            cursor="0",
+            done=0,
+            total=None,
+            sizer=BatchSizer(500, budget_ms * 1000.0),
+            pacer=Pacer(rate, gates=default_gates(client, "bench-sweep", None)),
+            save=lambda cursor, done, finished: None,
+        )
+    print(done, started, time.time(), copier.worst_us)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

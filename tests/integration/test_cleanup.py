@@ -1,0 +1,142 @@
+"""migrator cleanup: from cutover only; barrier; UNLINK where the server has it, else budgeted,
+checkpointed HSCAN+HDEL batches that survive a SIGKILL."""
+
+from __future__ import annotations
+
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from migrator import commands
+from tests.conftest import run_cli
+from tests.integration.helpers import read_hash, read_shards, seed_hash, write_plan
+from tests.integration.life import (
+    JOB,
+    SOURCE,
+    TEMPLATE,
+    cli_env,
+    eventually,
+    job_state,
+    migrator_popen,
+)
+from tests.servers import RedisServer
+
+
+def _at_cutover(url: str, r: redis.Redis, tmp_path: Path, state_url: str, n: int, extra: str = ""):
+    model = seed_hash(r, SOURCE, n)
+    plan = write_plan(tmp_path / "p.yaml", url, shards=8, extra=extra)
+    commands.apply(str(plan), state_url=state_url, allow_no_instances=True)
+    commands.set_ratio(100, name=JOB, state_url=state_url)
+    return model
+
+
+def _removal(state_url: str) -> str | None:
+    events = [e for e in commands.history(JOB, state_url=state_url) if e.kind == "cleanup"]
+    return events[-1].to_value if events else None
+
+
+def test_cleanup_only_from_cutover_then_unlink(
+    redis_server: RedisServer, r: redis.Redis, tmp_path: Path, state_url: str
+) -> None:
+    model = seed_hash(r, SOURCE, 10_000)
+    plan = write_plan(tmp_path / "p.yaml", redis_server.url, shards=8)
+    env = cli_env(state_url)
+    commands.apply(str(plan), state_url=state_url, allow_no_instances=True)
+    for ratio in (None, 50):  # verified, then gray: refused, nothing touched
+        if ratio is not None:
+            commands.set_ratio(ratio, name=JOB, state_url=state_url)
+        res = run_cli("cleanup", JOB, env=env)
+        assert res.returncode == 2, res.stderr
+        assert "only from cutover" in res.stderr
+        assert read_hash(r, SOURCE) == model
+
+    commands.set_ratio(100, name=JOB, state_url=state_url)
+    res = run_cli("cleanup", JOB, env=env)
+    assert res.returncode == 0, res.stderr
+    assert "done" in res.stdout
+    assert not r.exists(SOURCE)
+    assert read_shards(r, TEMPLATE, 8) == model
+    assert _removal(state_url) == "unlink"
+    phases = [
+        (e.from_value, e.to_value)
+        for e in commands.history(JOB, state_url=state_url)
+        if e.kind == "phase"
+    ]
+    assert phases[-2:] == [("cutover", "cleaning"), ("cleaning", "done")]
+
+
+def test_cleanup_mode_forces_hdel_even_where_unlink_exists(
+    redis_server: RedisServer, r: redis.Redis, tmp_path: Path, state_url: str
+) -> None:
+    model = _at_cutover(
+        redis_server.url, r, tmp_path, state_url, 5000, extra="cleanup: {mode: hdel}\n"
+    )
+    assert commands.cleanup(JOB, state_url=state_url).phase == "done"
+    assert not r.exists(SOURCE)
+    assert read_shards(r, TEMPLATE, 8) == model
+    assert _removal(state_url) == "hdel"
+
+
+def test_cleanup_mode_unlink_on_a_server_without_it_stops_with_a_clear_error(
+    start_server: Any, tmp_path: Path, state_url: str
+) -> None:
+    server = start_server(rename_command='UNLINK ""')
+    r = server.client()
+    model = _at_cutover(server.url, r, tmp_path, state_url, 2000, extra="cleanup: {mode: unlink}\n")
+    res = run_cli("cleanup", JOB, env=cli_env(state_url))
+    assert res.returncode == 1
+    assert "unlink" in res.stderr.lower()
+    assert read_hash(r, SOURCE) == model  # nothing removed; the job waits in cleaning
+    assert job_state(state_url)["phase"] == "cleaning"
+    r.close()
+
+
+def test_hdel_cleanup_without_unlink_survives_sigkill(
+    start_server: Any, tmp_path: Path, state_url: str
+) -> None:
+    server = start_server(rename_command='UNLINK ""')
+    r = server.client()
+    with pytest.raises(redis.ResponseError):
+        r.unlink("anything")
+    n = 50_000
+    model = _at_cutover(server.url, r, tmp_path, state_url, n)
+    commands.set_rate(JOB, 15_000, state_url=state_url)  # about 3 s of HDEL batches
+
+    env = cli_env(state_url)
+    proc = migrator_popen("cleanup", JOB, env=env)
+    try:
+
+        def midway() -> bool:
+            cp = job_state(state_url)["checkpoints"].get("cleanup")
+            return cp is not None and cp.members_done >= 10_000
+
+        eventually(midway, 30, "cleanup under way")
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    left = r.hlen(SOURCE)
+    assert 0 < left < n
+    state = job_state(state_url)
+    assert state["phase"] == "cleaning"
+    killed_at = state["checkpoints"]["cleanup"]
+    assert killed_at.cursor != "0" and killed_at.extra["mode"] == "hdel"
+
+    commands.set_rate(JOB, 0, state_url=state_url)
+    started = time.monotonic()
+    res = run_cli("cleanup", JOB, env=env)
+    assert res.returncode == 0, res.stderr
+    assert time.monotonic() - started < 20  # the dead process's lease did not hold it up
+    assert not r.exists(SOURCE)
+    assert read_shards(r, TEMPLATE, 8) == model
+    assert job_state(state_url)["phase"] == "done"
+    history = commands.history(JOB, state_url=state_url)
+    resumed = [e for e in history if e.kind == "resume" and "cleanup" in (e.detail or "")]
+    assert len(resumed) == 1 and resumed[0].to_value == killed_at.cursor
+    assert _removal(state_url) == "hdel"
+    r.close()

@@ -1,0 +1,139 @@
+"""migrator rollback: from any phase before cleaning, back to old-only with no shard key left."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from migrator import commands
+from migrator.errors import MigratorError
+from tests.conftest import run_cli
+from tests.integration.helpers import read_hash, seed_hash, write_plan
+from tests.integration.life import (
+    JOB,
+    SOURCE,
+    Writers,
+    cli_env,
+    data_keys,
+    decoded,
+    eventually,
+    job_state,
+)
+from tests.servers import RedisServer
+
+N = 20_000
+
+
+class ApplyThread(threading.Thread):
+    """``plan apply`` running in the background, as an operator's other shell would."""
+
+    def __init__(self, plan: Path, state_url: str) -> None:
+        super().__init__(daemon=True)
+        self.plan, self.state_url = plan, state_url
+        self.result: Any = None
+
+    def run(self) -> None:
+        try:
+            self.result = commands.apply(str(self.plan), state_url=self.state_url)
+        except MigratorError as e:
+            self.result = e
+
+
+def _progressed(state_url: str, phase: str, stage: str) -> bool:
+    s = job_state(state_url)
+    cp = s["checkpoints"].get(stage)
+    return s["phase"] == phase and cp is not None and cp.members_done > 0
+
+
+@pytest.mark.parametrize("phase", ["copying", "verifying", "gray", "cutover"])
+def test_rollback_under_live_writers_leaves_the_old_key_equal_to_the_model(
+    phase: str, redis_server: RedisServer, r: redis.Redis, tmp_path: Path, state_url: str
+) -> None:
+    initial = seed_hash(r, SOURCE, N)
+    # A rate ceiling keeps the copy and the verification running long enough to roll back
+    # in the middle of them; gray and cutover are reached at full speed.
+    rate = "copy: {rate: 10000}\n" if phase in ("copying", "verifying") else ""
+    plan = write_plan(tmp_path / "p.yaml", redis_server.url, shards=8, extra=rate)
+    with Writers(redis_server.url, n=3, members=N, rate=300) as writers:
+        applying = ApplyThread(plan, state_url)
+        applying.start()
+        if phase == "copying":
+            eventually(lambda: _progressed(state_url, "copying", "copy"), 30, "copy under way")
+        elif phase == "verifying":
+            eventually(lambda: _progressed(state_url, "verifying", "verify"), 30, "verify")
+        else:
+            applying.join(60)
+            assert getattr(applying.result, "phase", None) == "verified", applying.result
+            commands.set_ratio(30 if phase == "gray" else 100, name=JOB, state_url=state_url)
+            assert job_state(state_url)["phase"] == phase
+            eventually(lambda: shard_count(r) > 0, 5, "shards exist")
+
+        res = run_cli("rollback", JOB, env=cli_env(state_url))
+        assert res.returncode == 0, res.stderr
+        assert "rolled_back" in res.stdout
+        applying.join(30)
+        assert not applying.is_alive()
+        if phase in ("copying", "verifying"):
+            # The apply running meanwhile noticed and stopped after its batch.
+            assert "rolling_back" in str(applying.result), applying.result
+        ops_at_rollback = sum(writers.ops)
+        eventually(lambda: sum(writers.ops) > ops_at_rollback + 100, 10, "writes go on")
+
+    assert not writers.errors, writers.errors
+    expected = writers.expected(initial)
+    assert decoded(read_hash(r, SOURCE)) == expected
+    assert data_keys(r) == {SOURCE}, "a shard key was left behind"
+    s = job_state(state_url)
+    assert (s["phase"], s["ratio"]) == ("rolled_back", 0)
+    kinds = [(e.kind, e.from_value, e.to_value) for e in commands.history(JOB, state_url=state_url)]
+    assert ("phase", phase, "rolling_back") in kinds
+    assert ("phase", "rolling_back", "rolled_back") in kinds
+
+
+def shard_count(r: redis.Redis) -> int:
+    return len(data_keys(r) - {SOURCE})
+
+
+def test_rollback_removes_shards_by_hdel_where_unlink_is_renamed_away(
+    start_server: Any, tmp_path: Path, state_url: str
+) -> None:
+    server = start_server(rename_command='UNLINK ""')
+    r = server.client()
+    with pytest.raises(redis.ResponseError):
+        r.unlink("anything")
+    model = seed_hash(r, SOURCE, 10_000)
+    plan = write_plan(tmp_path / "p.yaml", server.url, shards=4)
+    commands.apply(str(plan), state_url=state_url, allow_no_instances=True)
+    job = commands.rollback(JOB, state_url=state_url)
+    assert job.phase == "rolled_back"
+    assert data_keys(r) == {SOURCE}
+    assert read_hash(r, SOURCE) == model
+    removed = [e for e in commands.history(JOB, state_url=state_url) if e.kind == "rollback"]
+    assert removed and removed[-1].to_value == "hdel"
+    r.close()
+
+
+def test_rollback_is_refused_once_cleanup_started_and_reapply_works_after_it(
+    redis_server: RedisServer, r: redis.Redis, tmp_path: Path, state_url: str
+) -> None:
+    model = seed_hash(r, SOURCE, 3000)
+    plan = write_plan(tmp_path / "p.yaml", redis_server.url, shards=4)
+    env = cli_env(state_url)
+    commands.apply(str(plan), state_url=state_url, allow_no_instances=True)
+    assert run_cli("rollback", JOB, env=env).returncode == 0
+    assert data_keys(r) == {SOURCE} and read_hash(r, SOURCE) == model
+
+    # Rolled back, the job can be applied again from scratch, then cleaned up: no way back.
+    res = run_cli("plan", "apply", str(plan), "--allow-no-instances", env=env)
+    assert res.returncode == 0, res.stderr
+    assert job_state(state_url)["phase"] == "verified"
+    commands.set_ratio(100, name=JOB, state_url=state_url)
+    commands.cleanup(JOB, state_url=state_url)
+    res = run_cli("rollback", JOB, env=env)
+    assert res.returncode == 2
+    assert "only before cleanup" in res.stderr
+    assert job_state(state_url)["phase"] == "done"

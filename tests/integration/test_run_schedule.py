@@ -1,0 +1,129 @@
+"""What `migrator run` is due to do for a job, read from a real state store (no Redis needed),
+and the lease that keeps one runner per job, on real servers."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+from datetime import timedelta
+
+import pytest
+import redis
+
+from migrator import keys
+from migrator.errors import JobBusy
+from migrator.lease import Lease
+from migrator.phases import Phase
+from migrator.plan import parse_plan
+from migrator.scheduler import due
+from migrator.store import Store, open_store
+
+P = Phase
+PLAN = """
+name: t-job
+redis: {url: 'redis://127.0.0.1:1/0'}
+source: {key: big:hash}
+target: {key: 'big:{shard}', shards: 4}
+cleanup: {after: 1h}
+"""
+
+
+@pytest.fixture
+def store(state_url: str):  # type: ignore[no-untyped-def]
+    s = open_store(state_url)
+    yield s
+    s.close()
+
+
+def _walk(store: Store, *phases: Phase) -> None:
+    for p in phases:
+        store.transition("t-job", p, ratio=100 if p == P.CUTOVER else None)
+
+
+def test_what_is_due_in_each_phase(store: Store) -> None:
+    job = store.create_job(parse_plan(PLAN))
+    t = job.phase_changed_at
+    assert due(store, job, t + timedelta(seconds=1), grace=3) is None  # just moved: its mover's
+    assert due(store, job, t + timedelta(seconds=4), grace=3).work == "apply"  # type: ignore[union-attr]
+
+    _walk(store, P.DUAL_WRITE, P.COPYING, P.VERIFYING)
+    job = store.get_job("t-job")
+    later = job.phase_changed_at + timedelta(seconds=10)
+    assert due(store, job, later, grace=3).work == "apply"  # type: ignore[union-attr]
+    store.save_checkpoint(job, "verify", "0", 100, finished=True, extra={"run": 1})
+    assert due(store, job, later, grace=3) is None  # verified with differences: the operator's
+
+    _walk(store, P.VERIFIED, P.CUTOVER)
+    job = store.get_job("t-job")
+    cut = job.phase_changed_at
+    assert due(store, job, cut + timedelta(minutes=59), grace=3) is None
+    d = due(store, job, cut + timedelta(hours=1), grace=3)
+    assert d is not None and d.work == "cleanup" and "scheduled" in d.reason
+    paused = store.update_job("t-job", paused=True)
+    assert due(store, paused, cut + timedelta(hours=2), grace=3) is None  # paused: left alone
+    store.update_job("t-job", paused=False)
+
+    _walk(store, P.ROLLING_BACK)
+    job = store.get_job("t-job")
+    d = due(store, job, job.phase_changed_at + timedelta(seconds=5), grace=3)
+    assert d is not None and d.work == "rollback"
+    _walk(store, P.ROLLED_BACK)
+    job = store.get_job("t-job")
+    assert due(store, job, job.phase_changed_at + timedelta(days=9), grace=3) is None
+
+
+def test_cutover_without_cleanup_after_waits_for_a_command(store: Store) -> None:
+    store.create_job(parse_plan(PLAN.replace("after: 1h", "after: 0")))
+    _walk(store, P.DUAL_WRITE, P.COPYING, P.VERIFYING, P.VERIFIED, P.CUTOVER)
+    job = store.get_job("t-job")
+    assert due(store, job, job.phase_changed_at + timedelta(days=30), grace=3) is None
+
+
+def test_one_lease_holder_at_a_time(r: redis.Redis) -> None:
+    first = Lease(r, "t-job", purpose="apply", ttl=1.0).acquire()
+    try:
+        with pytest.raises(JobBusy) as e:
+            Lease(r, "t-job", purpose="verify").acquire(wait=0.3)
+        assert f"pid {os.getpid()}" in str(e.value)  # names the holder
+        time.sleep(1.5)  # renewed meanwhile: still held after its TTL
+        with pytest.raises(JobBusy):
+            Lease(r, "t-job", purpose="verify").acquire(wait=0.0, preempting=True)
+    finally:
+        first.release()
+    assert not r.exists(keys.lock("t-job"))
+    Lease(r, "t-job", purpose="verify").acquire().release()
+
+
+def test_a_dead_holder_on_this_host_is_taken_over_at_once(r: redis.Redis, redis_server) -> None:  # type: ignore[no-untyped-def]
+    code = (
+        "import redis, sys, time\n"
+        "from migrator.lease import Lease\n"
+        f"Lease(redis.Redis(port={redis_server.port}), 't-job', purpose='apply').acquire()\n"
+        "print('held', flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        with pytest.raises(JobBusy):  # alive: not waited for by a non-preempting caller
+            Lease(r, "t-job", purpose="apply").acquire(wait=10)
+        holder.kill()
+        holder.wait(10)
+        started = time.monotonic()
+        Lease(r, "t-job", purpose="apply").acquire(wait=10).release()
+        assert time.monotonic() - started < 1.0  # no waiting for the 5 s TTL
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+
+
+def test_a_lost_lease_stops_its_holder(r: redis.Redis) -> None:
+    lost = threading.Event()
+    lease = Lease(r, "t-job", purpose="apply", ttl=0.4, on_lost=lost.set).acquire()
+    r.set(keys.lock("t-job"), "someone else")  # taken over (e.g. after a long network split)
+    assert lost.wait(2)
+    lease.release()
+    assert r.get(keys.lock("t-job")) == b"someone else"  # release never removes another's

@@ -1,0 +1,106 @@
+"""The server-time budget on real servers: a copy script that runs past it stops between shards
+and the rest is sent in smaller scripts; the batch sizer shrinks the next ones; nothing is lost."""
+
+from __future__ import annotations
+
+import redis
+
+from migrator.copier import COPY_SCRIPT, HashCopier
+from migrator.redisio import Scripts
+from migrator.scanloop import drive
+from migrator.throttle import BatchSizer, Pacer
+from tests.integration.helpers import read_shards, seed_hash
+
+SHARDS = 50
+
+
+def _shard_keys() -> list[str]:
+    return [f"dst:{i}" for i in range(SHARDS)]
+
+
+def test_copy_script_stops_between_shards_once_past_its_budget(r: redis.Redis) -> None:
+    seed_hash(r, "src", 200)
+    scripts = Scripts(r)
+    members = [f"m{i}".encode() for i in range(200)]
+    groups = {k: members[i::20] for i, k in enumerate(_shard_keys()[:20])}  # 20 shards x 10
+    keys = ["src", *groups]
+    args = [0, *(len(g) for g in groups.values()), *(m for g in groups.values() for m in g)]
+    scripts.load(COPY_SCRIPT)
+    sha = scripts.script(COPY_SCRIPT).sha
+
+    done, elapsed = r.evalsha(sha, len(keys), *keys, *args)  # budget 0 µs: over at once
+
+    assert 0 < done < 20  # stopped between shards, some written, the rest left
+    written = [k for k in groups if r.exists(k)]
+    assert written == list(groups)[:done]
+    for k in written:
+        assert sorted(r.hkeys(k)) == sorted(groups[k])
+
+    budget = 10_000_000
+    done, _ = r.evalsha(sha, len(keys), *keys, budget, *args[1:])
+    assert done == 20 and all(r.exists(k) for k in groups)
+
+
+def test_a_step_that_overruns_is_split_and_copies_everything(r: redis.Redis) -> None:
+    model = seed_hash(r, "src", 5_000)
+    copier = HashCopier(r, Scripts(r), "src", _shard_keys(), budget_us=1.0, scan=1000)
+    cursor, copied = "0", 0
+    while True:
+        step = copier.step(cursor, 500)
+        copied += step.members
+        assert step.elapsed_us > 1.0 and 0 < step.command_members <= 500
+        cursor = step.cursor
+        if cursor == "0":
+            break
+    assert copier.leftover_batches > 0  # scripts past the budget handed their rest on
+    assert copied == 5_000
+    assert read_shards(r, "dst:{shard}", SHARDS) == model
+
+
+def test_overruns_shrink_the_batch_and_the_copy_still_completes(r: redis.Redis) -> None:
+    model = seed_hash(r, "src", 3_000)
+    copier = HashCopier(r, Scripts(r), "src", _shard_keys(), budget_us=1.0, scan=500)
+    sizer = BatchSizer(500, 1.0, start=500)
+    done = drive(
+        copier.step,
+        stage="copy",
+        cursor="0",
+        done=0,
+        total=3_000,
+        sizer=sizer,
+        pacer=Pacer(0),
+        save=lambda cursor, done, finished: None,
+    )
+    assert done == 3_000
+    assert sizer.overruns > 0 and sizer.batch < 500
+    assert read_shards(r, "dst:{shard}", SHARDS) == model
+
+
+def test_copy_within_budget_needs_no_split(r: redis.Redis) -> None:
+    model = seed_hash(r, "src", 2_000)
+    copier = HashCopier(r, Scripts(r), "src", _shard_keys(), budget_us=10_000_000.0, scan=500)
+    cursor = "0"
+    while True:
+        cursor = copier.step(cursor, 500).cursor
+        if cursor == "0":
+            break
+    assert copier.leftover_batches == 0
+    assert read_shards(r, "dst:{shard}", SHARDS) == model
+
+
+def test_resuming_from_any_checkpoint_loses_nothing(r: redis.Redis) -> None:
+    """A step's cursor is a checkpoint: what a copier copied before it, plus what a new copier
+    copies from it, is the whole source, whichever step the first copier stopped after."""
+    model = seed_hash(r, "src", 6_000)
+    for stop_after in (1, 2, 5, 9):
+        first = HashCopier(r, Scripts(r), "src", [f"a:{i}" for i in range(SHARDS)], 1000.0)
+        cursor = "0"
+        for _ in range(stop_after):
+            cursor = first.step(cursor, 150).cursor
+        assert cursor != "0"
+        second = HashCopier(r, Scripts(r), "src", [f"b:{i}" for i in range(SHARDS)], 1000.0)
+        while cursor != "0":
+            cursor = second.step(cursor, 150).cursor
+        copied = {**read_shards(r, "a:{shard}", SHARDS), **read_shards(r, "b:{shard}", SHARDS)}
+        assert copied == model, f"stopped after {stop_after} steps"
+        r.delete(*[f"{p}:{i}" for p in "ab" for i in range(SHARDS)])

@@ -1,0 +1,141 @@
+"""The runner's gates against real servers: each holds when its condition is met, says why,
+and lets go once the condition is gone."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import redis
+
+from migrator.gates import (
+    LatencyGate,
+    MemoryGate,
+    PauseFileGate,
+    ReplicaLagGate,
+    default_gates,
+    pause_files,
+)
+from tests.servers import RedisServer
+
+# A script that keeps the server busy for ~20 ms: what a misbehaving client does.
+BUSY = "local t = redis.call('TIME'); local x = 0; for i = 1, 2000000 do x = x + i end; return x"
+
+
+def _poll(cond: Callable[[], object], timeout: float = 10.0) -> object:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        got = cond()
+        if got:
+            return got
+        time.sleep(0.05)
+    return cond()
+
+
+def test_latency_gate_holds_while_another_client_keeps_the_server_busy(
+    redis_server: RedisServer,
+) -> None:
+    gate = LatencyGate(redis_server.client())
+    assert gate.check() is None
+    stop = threading.Event()
+
+    def hog() -> None:
+        c = redis_server.client()
+        while not stop.is_set():
+            c.eval(BUSY, 0)
+
+    t = threading.Thread(target=hog, daemon=True)
+    t.start()
+    try:
+        reason = _poll(gate.check, timeout=10.0)  # a few probes stuck behind the scripts
+    finally:
+        stop.set()
+        t.join(10)
+    assert isinstance(reason, str) and reason.startswith("server latency: PING median")
+    assert "idle" in reason and "holding above" in reason
+    assert _poll(lambda: [gate.check() for _ in range(5)][-1] is None)
+
+
+def test_memory_gate_holds_near_maxmemory(start_server: Callable[..., RedisServer]) -> None:
+    server = start_server(maxmemory="8mb")
+    r = server.client()
+    gate = MemoryGate(r)
+    assert gate.check() is None
+    pipe = r.pipeline(transaction=False)
+    i = 0
+    while int(r.info("memory")["used_memory"]) < 0.92 * 8 * 1_048_576:
+        for _ in range(100):
+            pipe.set(f"fill:{i}", b"x" * 1000)
+            i += 1
+        pipe.execute()
+    reason = gate.check()
+    assert reason and reason.startswith("memory: used_memory")
+    assert "of maxmemory 8.0 MiB (holding above 90%)" in reason
+    r.execute_command("FLUSHALL", "SYNC")
+    assert _poll(lambda: gate.check() is None)
+
+
+def test_memory_gate_never_holds_without_maxmemory(r: redis.Redis) -> None:
+    r.set("k", b"x" * 1_000_000)
+    assert MemoryGate(r).check() is None
+
+
+def test_replica_lag_gate_holds_while_a_replica_falls_behind(
+    start_server: Callable[..., RedisServer],
+) -> None:
+    # The primary waits a second before the full sync: a window the test can see.
+    primary = start_server(repl_diskless_sync_delay="1")
+    replica = start_server()
+    p, rep = primary.client(), replica.client()
+    gate = ReplicaLagGate(p, max_bytes=256 * 1024)
+    rep.replicaof("127.0.0.1", primary.port)
+    reason = _poll(gate.check, timeout=2.0)  # the full sync, seen from the primary
+    assert isinstance(reason, str) and reason.startswith("replica lag: 127.0.0.1:")
+    assert "is syncing" in reason
+    assert _poll(lambda: gate.check() is None)  # online and caught up
+    assert replica.proc is not None
+    os.kill(replica.proc.pid, signal.SIGSTOP)
+    try:
+        for i in range(64):
+            p.set(f"k{i}", b"x" * 16 * 1024)  # 1 MiB of stream the stopped replica cannot ack
+        reason = gate.check()
+        assert reason and reason.startswith("replica lag: 127.0.0.1:")
+        assert "MiB behind, last ack" in reason
+    finally:
+        os.kill(replica.proc.pid, signal.SIGCONT)
+    assert _poll(lambda: gate.check() is None)
+
+
+def test_replica_lag_gate_is_quiet_without_replicas(r: redis.Redis) -> None:
+    r.set("k", b"x" * 100_000)
+    assert ReplicaLagGate(r, max_bytes=1).check() is None
+
+
+def test_pause_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    state_url = f"sqlite:///{tmp_path}/state.db"
+    monkeypatch.setenv("MIGRATOR_PAUSE_FILE", str(tmp_path / "ops" / "hold"))
+    files = pause_files("a-job", state_url)
+    assert files == [tmp_path / "ops" / "hold", tmp_path / "pause-a-job", tmp_path / "pause"]
+    gate = PauseFileGate(files)
+    assert gate.check() is None
+    (tmp_path / "pause").touch()  # every job
+    assert gate.check() == f"pause file {tmp_path / 'pause'}"
+    (tmp_path / "pause").unlink()
+    (tmp_path / "ops").mkdir()
+    (tmp_path / "ops" / "hold").touch()
+    assert gate.check() == f"pause file {tmp_path / 'ops' / 'hold'}"
+    (tmp_path / "ops" / "hold").unlink()
+    (tmp_path / "pause-other-job").touch()  # another job's file
+    assert gate.check() is None
+
+
+def test_default_gates(r: redis.Redis, tmp_path: Path) -> None:
+    gates = default_gates(r, "a-job", f"sqlite:///{tmp_path}/state.db")
+    kinds = {type(g) for g in gates}
+    assert kinds == {PauseFileGate, LatencyGate, MemoryGate, ReplicaLagGate}
+    assert all(g.check() is None for g in gates)

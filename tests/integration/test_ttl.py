@@ -1,0 +1,70 @@
+"""A source with an expiry: its shards get the same absolute deadline, from the copy and from
+the shim's dual writes alike."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import redis
+
+from migrator import commands
+from migrator.routing import shard_of
+from migrator.shim import ShardRouter
+from tests.integration.helpers import seed_hash, write_plan
+from tests.integration.life import SOURCE, TEMPLATE, data_keys
+from tests.servers import RedisServer
+
+
+def _deadline_in(r: redis.Redis, seconds: int) -> int:
+    sec, usec = r.time()
+    at = (int(sec) + seconds) * 1000 + int(usec) // 1000
+    r.pexpireat(SOURCE, at)
+    return at
+
+
+def test_copied_shards_get_the_sources_absolute_deadline(
+    redis_server: RedisServer, r: redis.Redis, tmp_path: Path, state_url: str
+) -> None:
+    seed_hash(r, SOURCE, 5000)
+    at = _deadline_in(r, 3600)
+    plan = write_plan(tmp_path / "p.yaml", redis_server.url, shards=8)
+    time.sleep(0.05)  # a relative TTL copied late would land later than the source's deadline
+    commands.apply(str(plan), state_url=state_url, allow_no_instances=True)
+    shard_keys = sorted(data_keys(r) - {SOURCE})
+    assert len(shard_keys) == 8
+    assert {k: r.pexpiretime(k) for k in shard_keys} == {k: at for k in shard_keys}
+    assert r.pexpiretime(SOURCE) == at
+
+
+def test_no_expiry_on_the_source_means_none_on_the_shards(
+    redis_server: RedisServer, r: redis.Redis, tmp_path: Path, state_url: str
+) -> None:
+    seed_hash(r, SOURCE, 1000)
+    plan = write_plan(tmp_path / "p.yaml", redis_server.url, shards=4)
+    commands.apply(str(plan), state_url=state_url, allow_no_instances=True)
+    assert {r.pttl(k) for k in data_keys(r) - {SOURCE}} == {-1}
+
+
+def test_shard_keys_the_shim_creates_keep_the_deadline(
+    redis_server: RedisServer, r: redis.Redis, tmp_path: Path, state_url: str
+) -> None:
+    shards = 8
+    r.hset(SOURCE, mapping={"m0": "a", "m1": "b"})  # at most two shard keys get created
+    at = _deadline_in(r, 3600)
+    plan = write_plan(tmp_path / "p.yaml", redis_server.url, shards=shards)
+    client = redis.Redis.from_url(redis_server.url)
+    router = ShardRouter.attach(client, "t-job", source_key=SOURCE)
+    try:
+        assert commands.apply(str(plan), state_url=state_url).phase == "verified"
+        occupied = {shard_of(m, shards) for m in ("m0", "m1")}
+        fresh = next(f"x{i}" for i in range(1000) if shard_of(f"x{i}", shards) not in occupied)
+        key = TEMPLATE.replace("{shard}", str(shard_of(fresh, shards)))
+        assert not r.exists(key)
+        router.hset(fresh, "new")
+    finally:
+        router.close()
+        client.close()
+    assert r.hget(key, fresh) == b"new"
+    assert r.pexpiretime(key) == at
+    assert all(r.pexpiretime(k) == at for k in data_keys(r))

@@ -1,0 +1,251 @@
+"""migrator verify: both directions, multi-round, every confirmed difference stored, repair."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import redis
+
+from migrator import commands
+from migrator.errors import Interrupted
+from migrator.routing import shard_of
+from migrator.scanloop import Progress
+from migrator.store import open_store
+from tests.conftest import run_cli
+from tests.integration.helpers import read_hash, read_shards, seed_hash, write_plan
+from tests.integration.life import JOB, SOURCE, TEMPLATE, Writers, cli_env, decoded, job_state
+from tests.servers import RedisServer
+
+SHARDS = 8
+
+
+def shard_key(member: str | bytes) -> str:
+    return TEMPLATE.replace("{shard}", str(shard_of(member, SHARDS)))
+
+
+def _applied(
+    redis_server: RedisServer, r: redis.Redis, tmp_path: Path, state_url: str, n: int
+) -> dict[bytes, bytes]:
+    model = seed_hash(r, SOURCE, n)
+    plan = write_plan(tmp_path / "p.yaml", redis_server.url, shards=SHARDS)
+    job = commands.apply(str(plan), state_url=state_url, allow_no_instances=True)
+    assert job.phase == "verified"
+    return model
+
+
+def test_injected_differences_are_found_stored_shown_and_repaired(
+    redis_server: RedisServer, r: redis.Redis, tmp_path: Path, state_url: str
+) -> None:
+    model = _applied(redis_server, r, tmp_path, state_url, 10_000)
+    env = cli_env(state_url)
+    # One member altered in its shard, one deleted from its shard, one extra in a shard, and
+    # one copied into a shard it does not route to (also extra).
+    r.hset(shard_key("m17"), "m17", "tampered")
+    r.hdel(shard_key("m42"), "m42")
+    r.hset(shard_key("ghost"), "ghost", "never in the source")
+    wrong = (shard_of("m99", SHARDS) + 1) % SHARDS
+    r.hset(TEMPLATE.replace("{shard}", str(wrong)), "m99", model[b"m99"])
+
+    res = run_cli("verify", JOB, "--json", "--delay", "0.1", env=env)
+    assert res.returncode == 3, res.stderr
+    report = json.loads(res.stdout)
+    assert report["confirmed"] == {"value_differs": 1, "missing_in_shard": 1, "extra_in_shard": 2}
+    assert report["source_checked"] == 10_000
+    assert report["shard_checked"] == 10_001  # both directions were walked
+    assert job_state(state_url)["phase"] == "verifying"  # a failed verify un-verifies
+
+    # Stored, all of them, with their kind and shard.
+    stored = {
+        (d["member"], d["kind"], d["shard"]) for d in commands.diffs(JOB, state_url=state_url)
+    }
+    assert stored == {
+        ("m17", "value_differs", shard_of("m17", SHARDS)),
+        ("m42", "missing_in_shard", shard_of("m42", SHARDS)),
+        ("ghost", "extra_in_shard", shard_of("ghost", SHARDS)),
+        ("m99", "extra_in_shard", wrong),
+    }
+
+    res = run_cli("verify", JOB, "--show", "--delay", "0.1", env=env)
+    assert res.returncode == 3, res.stderr
+    shown = [line.split() for line in res.stdout.splitlines() if line.startswith("  ")]
+    assert sorted((s[0], s[-1]) for s in shown) == sorted(
+        [
+            ("value_differs", "m17"),
+            ("missing_in_shard", "m42"),
+            ("extra_in_shard", "ghost"),
+            ("extra_in_shard", "m99"),
+        ]
+    )
+
+    res = run_cli("verify", JOB, "--repair", "--json", "--delay", "0.1", env=env)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert json.loads(res.stdout)["repaired"] == 4
+
+    res = run_cli("verify", JOB, "--json", "--delay", "0.1", env=env)
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)["confirmed"] == {}
+    assert job_state(state_url)["phase"] == "verified"
+    assert read_shards(r, TEMPLATE, SHARDS) == model
+    assert read_hash(r, SOURCE) == model  # repair never touches the source
+
+
+def test_plan_apply_runs_verify_for_its_verify_phase(
+    redis_server: RedisServer, r: redis.Redis, tmp_path: Path, state_url: str
+) -> None:
+    _applied(redis_server, r, tmp_path, state_url, 3000)
+    r.hdel(shard_key("m5"), "m5")
+    env = cli_env(state_url)
+    assert run_cli("verify", JOB, "--delay", "0.1", env=env).returncode == 3
+    plan = str(tmp_path / "p.yaml")
+    # The job is back in verifying: apply runs the verification again and stops on it.
+    res = run_cli("plan", "apply", plan, "--allow-no-instances", env=env)
+    assert res.returncode == 3, res.stderr
+    assert "missing_in_shard" in res.stderr
+    assert run_cli("verify", JOB, "--repair", "--delay", "0.1", env=env).returncode == 0
+    res = run_cli("plan", "apply", plan, "--allow-no-instances", env=env)
+    assert res.returncode == 0, res.stderr
+    assert job_state(state_url)["phase"] == "verified"
+
+
+def test_differences_that_heal_between_rounds_are_not_confirmed(
+    redis_server: RedisServer, r: redis.Redis, tmp_path: Path, state_url: str
+) -> None:
+    """RedisFullCheck's method: a first-round difference that an in-flight write fixes before
+    the re-check is cleared, not confirmed."""
+    model = _applied(redis_server, r, tmp_path, state_url, 3000)
+    r.hset(shard_key("m1"), "m1", "in flight")
+    r.hset(shard_key("m2"), "m2", "stays wrong")
+
+    def healer() -> None:
+        # Once the first round has recorded both as suspects, m1's in-flight write lands.
+        store = open_store(state_url)
+        try:
+            job = store.get_job(JOB)
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                run = store.last_verify_run(job)
+                if run and sum(store.count_diffs(job, run, status="suspect").values()) >= 2:
+                    break
+                time.sleep(0.01)
+        finally:
+            store.close()
+        r.hset(shard_key("m1"), "m1", model[b"m1"])
+
+    t = threading.Thread(target=healer)
+    t.start()
+    report = commands.verify(JOB, state_url=state_url, rounds=3, delay=1.0)
+    t.join()
+    assert report.suspects == 2
+    assert report.confirmed == {"value_differs": 1}
+    assert [d["member"] for d in commands.diffs(JOB, state_url=state_url)] == ["m2"]
+    cleared = commands.diffs(JOB, state_url=state_url, status="cleared")
+    assert [d["member"] for d in cleared] == ["m1"]
+
+
+def test_verify_is_rate_limited_and_resumes_after_interruption(
+    redis_server: RedisServer, r: redis.Redis, tmp_path: Path, state_url: str
+) -> None:
+    _applied(redis_server, r, tmp_path, state_url, 8000)
+    r.hdel(shard_key("m7"), "m7")
+    commands.set_rate(JOB, 8000, state_url=state_url)  # 16k members to walk: about 2 s
+
+    stop = threading.Event()
+    seen: list[Progress] = []
+
+    def on_progress(p: Progress) -> None:
+        seen.append(p)
+        if p.done >= 3000:
+            stop.set()
+
+    started = time.monotonic()
+    with pytest.raises(Interrupted):
+        commands.verify(JOB, state_url=state_url, stop=stop, on_progress=on_progress)
+    assert time.monotonic() - started >= 0.3  # paced, not flat out
+    cp = job_state(state_url)["checkpoints"]["verify"]
+    assert not cp.finished and cp.members_done >= 3000
+    run = cp.extra["run"]
+
+    started = time.monotonic()
+    report = commands.verify(JOB, state_url=state_url, delay=0.1)
+    elapsed = time.monotonic() - started
+    assert report.run == run  # the same run, resumed
+    assert report.source_checked == 8000
+    assert report.confirmed == {"missing_in_shard": 1}
+    # The resumed run walked only what was left (source rest + all shards) at the ceiling.
+    assert 0.8 <= elapsed < 10
+    store = open_store(state_url)
+    try:
+        starts = [e for e in store.history(JOB) if e.kind == "verify" and e.detail == "started"]
+    finally:
+        store.close()
+    assert len([e for e in starts if e.to_value == str(run)]) == 1
+
+
+def test_verify_never_sends_a_whole_key_command(
+    start_server, tmp_path: Path, state_url: str
+) -> None:
+    server = start_server(slowlog_log_slower_than="0", slowlog_max_len="200000")
+    r = server.client()
+    _applied(server, r, tmp_path, state_url, 5000)
+    r.slowlog_reset()
+    report = commands.verify(JOB, state_url=state_url)
+    assert report.clean
+    sent = [e for e in r.slowlog_get(200_000) if e["client_name"].startswith(b"migrator:")]
+    assert sent, "the runner's commands should be in the slow log"
+    whole_key = {b"HGETALL", b"HKEYS", b"HVALS", b"DEL", b"KEYS", b"SMEMBERS", b"DUMP"}
+    data = {SOURCE.encode()} | {TEMPLATE.replace("{shard}", str(i)).encode() for i in range(8)}
+    for e in sent:
+        words = e["command"].split()
+        # (Valkey logs the commands a script runs too; DEL of migrator's own lock key is fine.)
+        assert not (words[0].upper() in whole_key and set(words[1:]) & data), e["command"]
+    r.close()
+
+
+def test_verify_under_live_writers_confirms_zero_differences(
+    redis_server: RedisServer, r: redis.Redis, tmp_path: Path, state_url: str
+) -> None:
+    initial = seed_hash(r, SOURCE, 10_000)
+    plan = write_plan(tmp_path / "p.yaml", redis_server.url, shards=SHARDS)
+    with Writers(redis_server.url, n=3, members=10_000, rate=400) as writers:
+        job = commands.apply(str(plan), state_url=state_url)
+        assert job.phase == "verified"
+        reports = [commands.verify(JOB, state_url=state_url, delay=0.3) for _ in range(2)]
+    assert not writers.errors, writers.errors
+    assert sum(writers.ops) > 500, "the writers barely wrote: the test proves nothing"
+    for report in reports:
+        assert report.clean, report.as_dict()
+        assert report.source_checked > 9000
+    expected = writers.expected(initial)
+    assert decoded(read_hash(r, SOURCE)) == expected
+    assert decoded(read_shards(r, TEMPLATE, SHARDS)) == expected
+
+
+def test_a_verify_resumed_at_an_empty_shard_completes(
+    redis_server: RedisServer, r: redis.Redis, tmp_path: Path, state_url: str
+) -> None:
+    """A run interrupted during the shard passes resumes there; the shard it resumes at may
+    not exist (no member routes to it): nothing about that key may be taken for the others."""
+    members = [f"m{i}" for i in range(6)]
+    r.hset(SOURCE, mapping={m: "v" for m in members})
+    plan = write_plan(tmp_path / "p.yaml", redis_server.url, shards=SHARDS)
+    commands.apply(str(plan), state_url=state_url, allow_no_instances=True)
+    used = {shard_of(m, SHARDS) for m in members}
+    empty = min(set(range(SHARDS)) - used)
+    assert any(s > empty for s in used)
+    store = open_store(state_url)
+    try:
+        job = store.get_job(JOB)
+        run = store.last_verify_run(job) + 1
+        # As left by a verify stopped at the start of the empty shard's pass.
+        store.save_checkpoint(
+            job, "verify", "0", 0, extra={"run": run, "pass": 1 + empty, "source_checked": 6}
+        )
+    finally:
+        store.close()
+    report = commands.verify(JOB, state_url=state_url, delay=0.1)
+    assert report.run == run
+    assert report.shard_checked == sum(1 for m in members if shard_of(m, SHARDS) >= empty)

@@ -1,0 +1,154 @@
+"""Pure pacing logic: batch sizing against the budget, the rate ceiling, live controls, gates,
+and how a copy step is cut into scripts. (Real-server behaviour: tests/integration.)"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from migrator.copier import pack
+from migrator.errors import Interrupted
+from migrator.throttle import BatchSizer, Controls, Gate, Pacer, RateLimiter
+
+
+def test_sizer_halves_at_least_on_an_overrun() -> None:
+    s = BatchSizer(500, 1000.0, start=400)
+    s.observe(elapsed_us=1500.0, members=400)
+    assert s.batch <= 200 and s.overruns == 1
+
+
+def test_sizer_grows_back_slowly_and_never_past_the_plan_batch() -> None:
+    s = BatchSizer(500, 1000.0, start=100)
+    s.observe(elapsed_us=100.0, members=100)  # 10% of the budget: room to grow
+    assert 100 < s.batch <= 125
+    for _ in range(50):
+        s.observe(elapsed_us=1.0, members=s.batch)
+    assert s.batch == 500
+
+
+def test_sizer_steps_back_near_the_budget() -> None:
+    s = BatchSizer(500, 1000.0, start=400)
+    s.observe(elapsed_us=800.0, members=400)  # within budget, but close
+    assert s.batch < 400 and s.overruns == 0
+
+
+def test_pack_cuts_scripts_at_the_member_limit_and_splits_big_groups() -> None:
+    groups = [("a", [b"1", b"2", b"3"]), ("b", [b"4"]), ("c", [b"5", b"6", b"7", b"8", b"9"])]
+    scripts = pack(groups, 4)
+    assert all(sum(len(p) for _k, p in s) <= 4 for s in scripts)
+    flat = [(k, m) for s in scripts for k, part in s for m in part]
+    assert flat == [(k, m) for k, ms in groups for m in ms]  # nothing lost, order kept
+    assert pack(groups, 1) == [[(k, [m])] for k, m in flat]
+
+
+def test_rate_limiter_unlimited_never_waits() -> None:
+    lim = RateLimiter(0)
+    assert lim.delay_for(1_000_000) == 0.0
+
+
+def test_rate_limiter_waits_for_what_was_spent() -> None:
+    lim = RateLimiter(1000)
+    delay = lim.delay_for(500)
+    assert 0.2 < delay <= 0.5
+
+
+def test_rate_limiter_lowered_rate_owes_at_most_a_second() -> None:
+    lim = RateLimiter(10_000)
+    lim.delay_for(5_000)
+    lim.set_rate(10)  # 5000 members at 10/s would be 500 s
+    assert 0.9 < lim.wait_time() <= 1.0
+
+
+def test_rate_limiter_lifted_rate_waits_no_more() -> None:
+    lim = RateLimiter(10)
+    assert lim.delay_for(50) > 1
+    lim.set_rate(0)
+    assert lim.wait_time() == 0.0
+
+
+class Flag(Gate):
+    """A gate under the test's control (not a Redis stand-in: gates are the project's ABC)."""
+
+    interval = 0.0
+
+    def __init__(self) -> None:
+        self.reason: str | None = None
+        self.checks = 0
+
+    def check(self) -> str | None:
+        self.checks += 1
+        return self.reason
+
+
+def test_pacer_set_rate_cuts_a_long_rate_wait_short() -> None:
+    controls = {"rate": None}
+    sleeps: list[float] = []
+
+    def sleep(s: float) -> None:
+        sleeps.append(s)
+        controls["rate"] = 0.0  # the operator lifts the ceiling during the wait
+        time.sleep(s)
+
+    pacer = Pacer(
+        10,
+        controls=lambda: Controls(rate=controls["rate"]),
+        controls_interval=0.0,
+        sleep=sleep,
+    )
+    started = time.monotonic()
+    pacer.after_batch(100)  # 10 s at the plan's 10/s
+    assert time.monotonic() - started < 0.5 and len(sleeps) == 1
+
+
+def test_pacer_pause_during_a_rate_wait_hands_over_to_before_batch() -> None:
+    paused = {"on": False}
+
+    def sleep(s: float) -> None:
+        paused["on"] = True
+
+    pacer = Pacer(
+        10,
+        controls=lambda: Controls(paused=paused["on"]),
+        controls_interval=0.0,
+        sleep=sleep,
+    )
+    pacer.after_batch(100)
+    assert pacer.paused_by_operator
+    waits: list[str | None] = []
+
+    def on_wait(reason: str | None) -> None:
+        waits.append(reason)
+        if len(waits) == 3:
+            paused["on"] = False
+
+    pacer.before_batch(on_wait)
+    assert waits == ["paused by operator"] * 3
+
+
+def test_pacer_holds_while_any_gate_answers_and_reports_every_reason() -> None:
+    a, b = Flag(), Flag()
+    a.reason, b.reason = "pause file /x", "memory: 95%"
+    pacer = Pacer(0, gates=[a, b])
+    seen: list[str | None] = []
+
+    def on_wait(reason: str | None) -> None:
+        seen.append(reason)
+        if len(seen) == 2:
+            a.reason = None
+        if len(seen) == 3:
+            b.reason = None
+
+    pacer.before_batch(on_wait)
+    assert seen == ["pause file /x; memory: 95%", "pause file /x; memory: 95%", "memory: 95%"]
+    assert pacer.reason is None
+
+
+def test_pacer_stop_interrupts_a_held_batch() -> None:
+    gate = Flag()
+    gate.reason = "held"
+    stop = threading.Event()
+    pacer = Pacer(0, stop=stop, gates=[gate])
+    with pytest.raises(Interrupted):
+        pacer.before_batch(lambda reason: stop.set())
