@@ -43,6 +43,9 @@ class ControlRecord:
     salt: str
     bucketing: str = "sticky"
     shadow_sample: float = 0.0
+    #: In cleaning: 0 while shims still mirror writes into the old key (shard first, then old),
+    #: 1 once the runner retired the old key (shards only). See Runner.cleanup.
+    retire_old: int = 0
 
     def shard_key(self, shard: int) -> str:
         return self.template.replace("{shard}", str(shard))
@@ -53,7 +56,7 @@ class ControlRecord:
     @classmethod
     def from_hash(cls, h: Mapping[bytes | str, bytes | str]) -> ControlRecord:
         d = {_s(k): _s(v) for k, v in h.items()}
-        ints = {"ratio", "epoch", "shards"}
+        ints = {"ratio", "epoch", "shards", "retire_old"}
         values: dict[str, Any] = {}
         for f in fields(cls):
             if f.name not in d:

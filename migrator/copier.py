@@ -121,14 +121,15 @@ class HashCopier:
         else:
             pipe.hscan(self.source_key, cursor, count=count)
 
-    def _probe_novalues(self) -> bool:
+    def _probe_novalues(self) -> bool | None:
         """HSCAN ... NOVALUES (Redis 7.4+, Valkey 8+) spares the server sending values the
-        script re-reads anyway."""
+        script re-reads anyway. None: not known yet (a server without NOVALUES answers an HSCAN
+        of an empty key before parsing the option, so only a reply with members proves it)."""
         try:
-            self.client.hscan(self.source_key, 0, count=1, no_values=True)
+            reply: Any = self.client.hscan(self.source_key, 0, count=1, no_values=True)
         except redis.ResponseError:
             return False
-        return True
+        return True if reply[1] else None
 
     def _scanned(self, reply: Any) -> None:
         nxt, found = reply

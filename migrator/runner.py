@@ -173,6 +173,7 @@ class Runner:
             salt=j.salt,
             bucketing=p.gray.bucketing,
             shadow_sample=p.gray.shadow_sample,
+            retire_old=int(j.phase == P.CLEANING and self._old_retired()),
         )
 
     def publish(self) -> None:
@@ -573,10 +574,26 @@ class Runner:
                 "(migrator set-ratio 100 first)"
             )
         with self.leased("cleanup", preempting=True):
+            # Two barriers. First every shim writes the shards first and mirrors into the old
+            # key: mixed with instances still in cutover (old first, then shard) every member
+            # stays equal on both sides, so no update is lost. Then the old key is retired:
+            # shims write the shards only, mixed only with mirroring ones, for which the shard
+            # is the truth too. Only then can nobody write the old key, and it goes.
             self.publish()
-            self.barrier("cleanup")
+            self.barrier("cleanup: shims write shards first")
+            if not self._old_retired():
+                self.store.save_checkpoint(self.job, "retire", "0", 0, finished=True)
+                self.job = self.store.bump_epoch(self.name)
+                self.store.add_event(self.name, "retire", to_value=str(self.job.epoch),
+                                     detail="old key retired: shims write the shards only")
+                self.publish()
+            self.barrier("cleanup: old key retired")
             self._guard(lambda: self._remove_keys("cleanup", [self.plan.source.key]), "cleanup")
             return self.move(P.DONE, detail="old key removed", expect=P.CLEANING)
+
+    def _old_retired(self) -> bool:
+        cp = self.store.get_checkpoint(self.job, "retire")
+        return cp is not None and cp.finished
 
     def removal_mode(self) -> str:
         mode = self.plan.cleanup.mode

@@ -67,7 +67,8 @@ class HashVerifier:
         """HSCAN ... NOVALUES (Redis 7.4+, Valkey 8+): the scripts read the values themselves."""
         if self._novalues is None:
             try:
-                _cur, found = self.client.hscan(key, 0, count=1, no_values=True)
+                reply: Any = self.client.hscan(key, 0, count=1, no_values=True)
+                _cur, found = reply
             except redis.ResponseError:
                 self._novalues = False
             else:

@@ -210,8 +210,14 @@ class ShardRouter:
                 return [_PLAIN[op](self._client, source, _flat(items))]
             assert record is not None  # DUAL and SHARDS need a record
             groups = _by_shard(record, items)
-            if mode is WriteMode.DUAL:
-                calls = [DualCall(source, key, [op, *_flat(g)]) for key, g in groups.items()]
+            if mode is WriteMode.DUAL or mode is WriteMode.MIRROR:
+                # DualCall's first key is the one written first, whose result the other takes.
+                calls = [
+                    DualCall(source, key, [op, *_flat(g)])
+                    if mode is WriteMode.DUAL
+                    else DualCall(key, source, [op, *_flat(g)])
+                    for key, g in groups.items()
+                ]
                 try:
                     return self._dual.run(calls)
                 except Exception:

@@ -33,6 +33,9 @@ class WriteMode(str, Enum):
     OLD = "old"  # plain commands on the source key
     DUAL = "dual"  # one hash_dual script per shard touched: source, then shard := source's value
     SHARDS = "shards"  # plain commands on the shard keys
+    # cleaning, before the old key is retired: the same script with the roles swapped, the
+    # shard first, then source := the shard's value (the shards are the truth from cleaning on)
+    MIRROR = "mirror"
 
     def __str__(self) -> str:
         return self.value
@@ -50,6 +53,8 @@ def phase_of(record: ControlRecord | None) -> Phase | None:
 
 def write_mode(record: ControlRecord | None) -> WriteMode:
     phase = phase_of(record)
+    if phase is Phase.CLEANING and record is not None and not record.retire_old:
+        return WriteMode.MIRROR
     old, shards = writes_old(phase), writes_shards(phase)
     if old and shards:
         return WriteMode.DUAL

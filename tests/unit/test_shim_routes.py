@@ -50,7 +50,7 @@ def rec(phase: Phase, ratio: int = 0, **kw: object) -> ControlRecord:
         (P.VERIFIED, WriteMode.DUAL),
         (P.GRAY, WriteMode.DUAL),
         (P.CUTOVER, WriteMode.DUAL),
-        (P.CLEANING, WriteMode.SHARDS),
+        (P.CLEANING, WriteMode.MIRROR),
         (P.DONE, WriteMode.SHARDS),
         (P.ROLLING_BACK, WriteMode.OLD),
         (P.ROLLED_BACK, WriteMode.OLD),
@@ -58,6 +58,11 @@ def rec(phase: Phase, ratio: int = 0, **kw: object) -> ControlRecord:
 )
 def test_write_mode_follows_the_phase_table(phase: Phase | None, mode: WriteMode) -> None:
     assert write_mode(None if phase is None else rec(phase)) is mode
+
+
+def test_cleaning_writes_shards_only_once_the_old_key_is_retired() -> None:
+    assert write_mode(rec(P.CLEANING, retire_old=0)) is WriteMode.MIRROR
+    assert write_mode(rec(P.CLEANING, retire_old=1)) is WriteMode.SHARDS
 
 
 @pytest.mark.parametrize(
