@@ -117,7 +117,8 @@ class Plan(_Strict):
     def _name(cls, v: Any) -> Any:
         if isinstance(v, str) and not re.fullmatch(r"[a-z0-9][a-z0-9-]{0,62}", v):
             raise ValueError(
-                f"{v!r} is not a job name: use 1-63 of a-z, 0-9 and '-', starting with a letter or digit"
+                f"{v!r} is not a job name: use 1-63 of a-z, 0-9 and '-', "
+                "starting with a letter or digit"
             )
         return v
 

