@@ -361,13 +361,13 @@ def render(r: dict[str, Any]) -> str:
         "# Benchmarks",
         "",
         "Written by `scripts/bench` (the figures are from its last run; rerun it to measure your",
-        "machine). Everything runs on one host: the server, `migrator plan apply` in its own",
-        "process, the recipe in its own process and the concurrent load in a third, so they",
-        "compete for the same CPUs.",
+        "machine, `--server-bin PATH` to measure another server). Everything runs on one host:",
+        "the server, `migrator plan apply` in its own process, the recipe in its own process and",
+        "the concurrent load in a third, so they compete for the same CPUs.",
         "",
         f"Run {r['when']} on {m['cpu']}, {m['memory']} RAM, {m['os']}; Python {m['python']},",
         f"redis-py {m['redis-py']}; server **{s['flavour']} {s['version']}** (`{s['path']}`).",
-        f"Source hash: {r['members']:,} members, JSON values of {r['value_bytes']:.0f} bytes on",
+        f"Source hash: {r['members']:,} members, JSON values of {r['value_bytes']:.0f} bytes on "
         f"average, split into {SHARDS} shards.",
         "",
         "| # | what | migrator | recipe | ratio |",
@@ -468,21 +468,21 @@ FINDINGS = """\
 * **The budget.** Scripts time themselves (Valkey: the server's CPU clock, since it freezes
   TIME inside a script; Redis 7: TIME) and the batch sizer keeps them near a third of the
   budget; a script past 80% of it stops between two shards and the rest goes first in the
-  next step.
-  SLOWLOG times commands by the wall clock, so a server thread the host preempts in the
-  middle of a command is charged for the preemption: that, not the commands' work, is what
-  the few entries over the budget are on this shared VM (HSCANs show it as well as scripts,
-  the recipe's as well as the runner's); the scripts' own clocks are in the tradeoff table.
-* **Concurrent p99.** The server runs one command at a time, so a request arriving during a
-  runner round trip waits for it: about a budget at most; the recipe's HSCAN COUNT 1000 with
-  values and its pipelines of 1000 HSETs hold the server for milliseconds. On this 2-vCPU
-  host, though, the load's p99 is dominated by scheduling: a process that never touches
-  Redis but keeps half a CPU busy (last row of the tradeoff table) raises it about as much as
-  a copy does, and the runner plus the server keep about one CPU busy. Smaller budgets and
-  rate ceilings (a rate ceiling is a duty cycle: the runner sleeps between steps) lower the
-  load's p50 and p99 along the curve above, but not to 1.5x idle at any speed worth having
-  here. Where the runner and the application do not share the server's CPUs, what remains is
-  the wait behind one round trip, which the budget bounds.
+  next step, and the sizer shrinks the next ones after any overrun. The rare entries over the
+  budget are outliers of a few ms that the work's size does not explain: the host preempting
+  the server mid-command (SLOWLOG, like Redis 7's TIME, counts wall time; HSCANs show it as
+  well as scripts, the recipe's as well as the runner's) and Lua's garbage collector, which
+  runs when scripts allocate.
+* **Concurrent p99.** The server runs one command at a time, so a request that arrives during
+  a runner round trip waits for it: up to about a budget (two scripts and an HSCAN). The
+  recipe's HSCAN COUNT 1000 with values and its pipelines of 1000 HSETs hold the server
+  longer. So the wait grows with `copy.max_command_ms` (compare the tradeoff table's rows):
+  p99 within 1.5x of idle takes a budget of about 0.1-0.25 ms here, at a fraction of the
+  speed; a rate ceiling makes the waits rarer but not shorter, so it moves p50 more than p99.
+  The default 1 ms budget trades p99 for speed. The table's last row is the host's own noise
+  floor (a neighbour process that never touches Redis): all three processes share 2 vCPUs,
+  and on a busy host that floor alone reaches several times idle, so compare figures from one
+  run only.
 * **Memory.** The runner holds one window of member names and nothing per member copied, so
   its peak RSS is the same for a 1M- and a 4M-member key.
 """
@@ -500,9 +500,10 @@ METHOD = """\
   migrator copy re-reads every value inside the script that writes it.
 * **Server-side duration** — `SLOWLOG` with `slowlog-log-slower-than` at a quarter of the
   budget, entries picked by client name (`migrator:NAME` for the runner, `bench:recipe` for the
-  recipe). SLOWLOG times a command by the wall clock, so a server thread preempted by the OS
-  mid-command shows the preemption too; on a shared 2-vCPU host that is what the rare entries
-  past the budget are (the scripts' own clocks, which the batch sizer reads, stay under it).
+  recipe), against the number of EVALSHA and HSCAN calls the runner made (`INFO
+  commandstats`). SLOWLOG times a command by the wall clock, so a server thread preempted by
+  the OS mid-command shows the preemption too. The tradeoff table's "own clock" column is the
+  longest time a copy script reported for itself.
 * **Concurrent p99** — `scripts/bench_load.py`: one connection, one command every 1 ms
   (alternating GET of a small string and HGET of a random member of the source), wall time and
   latency of every call recorded; percentiles over the samples inside each copy's window, idle
