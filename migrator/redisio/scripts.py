@@ -15,11 +15,8 @@ import redis
 from redis.commands.core import Script
 
 NAMES = (
-    "hash_copy",
     "hash_copy_members",
     "hash_sync",
-    "hash_verify",
-    "hash_verify_shard",
     "hash_verify_members",
     "hash_missing_members",
     "hash_check",
@@ -56,7 +53,7 @@ def source(name: str) -> str:
 
 
 class Scripts:
-    """The project's scripts bound to one client; call as ``scripts.hash_copy(keys, args)``."""
+    """The project's scripts bound to one client; call as ``scripts.hash_sync(keys, args)``."""
 
     def __init__(self, client: redis.Redis) -> None:
         self._client = client

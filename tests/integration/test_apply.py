@@ -29,10 +29,14 @@ def test_lua_crc32_routes_like_python(r: redis.Redis) -> None:
     ]
     r.hset("src", mapping={m or b"\x00empty": b"v" for m in members})
     shard_keys = [f"s:{i}" for i in range(13)]
-    Scripts(r).hash_copy(["src", *shard_keys], ["0", 1000, 10_000_000])
+    args: list[object] = []
+    for m in members:
+        args += [m or b"\x00empty", -1]
+    Scripts(r).hash_sync(["src", *shard_keys], args)  # routes with the Lua crc32 of lib.lua
     for i, k in enumerate(shard_keys):
         for m in r.hkeys(k):
             assert shard_of(m, 13) == i
+    assert sum(r.hlen(k) for k in shard_keys) == len(members)
 
 
 def test_apply_copies_verifies_and_reports(
