@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import redis
 
@@ -58,3 +61,15 @@ def read_shards(r: redis.Redis, template: str, shards: int) -> dict[bytes, bytes
             assert k not in out
             out[k] = v
     return out
+
+
+def eventually(check: Callable[[], Any], timeout: float = 3.0, what: str = "") -> Any:
+    """Poll ``check`` until it returns something true; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not true within {timeout}s: {what or check}")
+        time.sleep(0.02)

@@ -14,7 +14,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
 from typing import Any
 
 import redis
@@ -22,21 +21,11 @@ import redis
 from migrator.shim import ShardRouter
 from migrator.store import open_store
 from tests.conftest import ROOT
+from tests.integration.helpers import eventually as eventually  # shared with the tests
 
 JOB = "t-job"
 SOURCE = "big:hash"
 TEMPLATE = "big:{shard}"
-
-
-def eventually(check: Callable[[], Any], timeout: float = 10.0, what: str = "") -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not true within {timeout}s: {what or check}")
-        time.sleep(0.05)
 
 
 def data_keys(client: redis.Redis) -> set[str]:

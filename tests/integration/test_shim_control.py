@@ -3,7 +3,6 @@ stickiness across processes, robustness to errors, and fork safety."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import multiprocessing
 import os
@@ -19,50 +18,20 @@ import pytest
 import redis
 
 from migrator import control, keys
-from migrator.control import ControlRecord
 from migrator.phases import Phase
-from migrator.routing import shard_of
 from migrator.shim import ReadPath, ShardRouter
 from migrator.shim.watcher import STALE_AFTER_S
+from tests.integration.shimkit import (
+    JOB,
+    SOURCE,
+    eventually,
+    record,
+    shard_key,
+)
 
 P = Phase
 ROOT = Path(__file__).resolve().parents[2]
-JOB = "user-info-split"
-SOURCE = "user:info:all"
-TEMPLATE = "user:info:{shard}"
-SHARDS = 8
 Attach = Callable[..., ShardRouter]
-
-
-def record(phase: Phase, *, epoch: int = 1, ratio: int = 0, **kw: Any) -> ControlRecord:
-    base = ControlRecord(
-        job=JOB,
-        phase=phase,
-        ratio=ratio,
-        epoch=epoch,
-        source_key=SOURCE,
-        source_type="hash",
-        template=TEMPLATE,
-        shards=SHARDS,
-        hash="crc32",
-        salt="salt-1",
-    )
-    return dataclasses.replace(base, **kw)
-
-
-def shard_key(member: str) -> str:
-    return TEMPLATE.replace("{shard}", str(shard_of(member, SHARDS)))
-
-
-def eventually(check: Callable[[], Any], timeout: float = 3.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not true within {timeout}s: {check}")
-        time.sleep(0.02)
 
 
 def acked_epoch(r: redis.Redis, instance_id: str) -> int | None:

@@ -5,8 +5,6 @@ Each test publishes the control record itself (control.publish) to put the shim 
 
 from __future__ import annotations
 
-import dataclasses
-import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -16,36 +14,21 @@ import redis
 from migrator import control, keys
 from migrator.control import ControlRecord
 from migrator.phases import Phase
-from migrator.routing import shard_of, sticky_bucket
+from migrator.routing import sticky_bucket
 from migrator.shim import ReadPath, ShardRouter, ShimClosed, ShimNotConfigured, ShimWrongType
+from tests.integration.shimkit import (
+    JOB,
+    SALT,
+    SHARDS,
+    SOURCE,
+    TEMPLATE,
+    eventually,
+    record,
+    shard_key,
+)
 
 P = Phase
-JOB = "user-info-split"
-SOURCE = "user:info:all"
-TEMPLATE = "user:info:{shard}"
-SHARDS = 8
-SALT = "salt-1"
 Attach = Callable[..., ShardRouter]
-
-
-def record(phase: Phase, *, epoch: int = 1, ratio: int = 0, **kw: Any) -> ControlRecord:
-    base = ControlRecord(
-        job=JOB,
-        phase=phase,
-        ratio=ratio,
-        epoch=epoch,
-        source_key=SOURCE,
-        source_type="hash",
-        template=TEMPLATE,
-        shards=SHARDS,
-        hash="crc32",
-        salt=SALT,
-    )
-    return dataclasses.replace(base, **kw)
-
-
-def shard_key(member: str) -> str:
-    return TEMPLATE.replace("{shard}", str(shard_of(member, SHARDS)))
 
 
 def data_keys(client: redis.Redis) -> set[str]:
@@ -55,17 +38,6 @@ def data_keys(client: redis.Redis) -> set[str]:
         for k in client.scan_iter(count=1000)
         if not (k.decode() if isinstance(k, bytes) else k).startswith("migrator:")
     }
-
-
-def eventually(check: Callable[[], Any], timeout: float = 3.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not true within {timeout}s: {check}")
-        time.sleep(0.02)
 
 
 def move_to(r: redis.Redis, router: ShardRouter, rec: ControlRecord) -> None:
