@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import redis
 
 from migrator import commands, control
@@ -20,10 +21,10 @@ from tests.conftest import ROOT, run_cli
 from tests.integration.helpers import read_hash, read_shards, seed_hash, write_plan
 from tests.servers import RedisServer
 
-NPROC, MEMBERS, COUNTERS = 3, 60_000, 20
+COUNTERS = 20
 
 
-def _start_writers(url: str, tmp: Path) -> list[subprocess.Popen[bytes]]:
+def _start_writers(url: str, tmp: Path, nproc: int, members: int) -> list[subprocess.Popen[bytes]]:
     return [
         subprocess.Popen(
             [
@@ -33,15 +34,15 @@ def _start_writers(url: str, tmp: Path) -> list[subprocess.Popen[bytes]]:
                 url,
                 "t-job",
                 str(i),
-                str(NPROC),
-                str(MEMBERS),
+                str(nproc),
+                str(members),
                 str(COUNTERS),
                 str(tmp / "stop"),
                 str(tmp / f"w{i}.json"),
             ],
             cwd=ROOT,
         )
-        for i in range(NPROC)
+        for i in range(nproc)
     ]
 
 
@@ -60,14 +61,60 @@ def _phase_and_copied(state_url: str) -> tuple[str, int]:
 def test_torture_concurrent_writers_kill_resume_and_ratio_walk(
     redis_server: RedisServer, r: redis.Redis, tmp_path: Path, state_url: str
 ) -> None:
-    initial = seed_hash(r, "big:hash", MEMBERS)
-    plan = write_plan(
-        tmp_path / "p.yaml", redis_server.url, shards=16, extra="copy: {rate: 20000, batch: 200}\n"
+    _torture(
+        redis_server,
+        r,
+        tmp_path,
+        state_url,
+        nproc=3,
+        members=60_000,
+        rate=20_000,
+        kill_after=15_000,
+        hold=1.5,
     )
-    writers = _start_writers(redis_server.url, tmp_path)
+
+
+@pytest.mark.soak
+def test_torture_soak(
+    redis_server: RedisServer, r: redis.Redis, tmp_path: Path, state_url: str
+) -> None:
+    """The same, bigger and longer: run on demand with `scripts/test -m soak`."""
+    _torture(
+        redis_server,
+        r,
+        tmp_path,
+        state_url,
+        nproc=6,
+        members=500_000,
+        rate=50_000,
+        kill_after=200_000,
+        hold=20,
+    )
+
+
+def _torture(
+    redis_server: RedisServer,
+    r: redis.Redis,
+    tmp_path: Path,
+    state_url: str,
+    *,
+    nproc: int,
+    members: int,
+    rate: int,
+    kill_after: int,
+    hold: float,
+) -> None:
+    initial = seed_hash(r, "big:hash", members)
+    plan = write_plan(
+        tmp_path / "p.yaml",
+        redis_server.url,
+        shards=16,
+        extra=f"copy: {{rate: {rate}, batch: 200}}\n",
+    )
+    writers = _start_writers(redis_server.url, tmp_path, nproc, members)
     try:
         deadline = time.monotonic() + 30
-        while len(control.live_instances(r, "t-job")) < NPROC:
+        while len(control.live_instances(r, "t-job")) < nproc:
             assert time.monotonic() < deadline, "writers never heartbeated"
             time.sleep(0.1)
 
@@ -87,7 +134,7 @@ def test_torture_concurrent_writers_kill_resume_and_ratio_walk(
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             phase, copied = _phase_and_copied(state_url)
-            if phase == "copying" and copied >= 15_000:
+            if phase == "copying" and copied >= kill_after:
                 break
             time.sleep(0.05)
         first.send_signal(signal.SIGKILL)
@@ -101,7 +148,7 @@ def test_torture_concurrent_writers_kill_resume_and_ratio_walk(
         for ratio in (1, 10, 50, 100):
             res = run_cli("set-ratio", "t-job", str(ratio), "--state", state_url, cwd=ROOT)
             assert res.returncode == 0, res.stderr
-            time.sleep(1.5)
+            time.sleep(hold)
         assert commands.status(state_url, "t-job")[0]["phase"] == "cutover"
     finally:
         (tmp_path / "stop").touch()
@@ -111,7 +158,7 @@ def test_torture_concurrent_writers_kill_resume_and_ratio_walk(
 
     expected = {k.decode(): v.decode() for k, v in initial.items()}
     total_ops = 0
-    for i in range(NPROC):
+    for i in range(nproc):
         model = json.loads((tmp_path / f"w{i}.json").read_text())
         assert model["stale"] == [], model["stale"][:5]
         total_ops += model["ops"]
