@@ -3,6 +3,8 @@ SCAN+delete steps (``delete_step.lua``) until the key is gone. Never DEL on a bi
 
 from __future__ import annotations
 
+from typing import cast
+
 import redis
 
 from migrator.redisio.scripts import Scripts
@@ -20,7 +22,7 @@ class KeyRemover:
 
     def unlink(self, key: str) -> int:
         """O(1) in the command thread; the memory is freed by a background thread."""
-        return int(self.client.unlink(key))
+        return cast(int, self.client.unlink(key))
 
     def delete_steps(self, key: str):  # type: ignore[no-untyped-def]
         def step(cursor: str, count: int) -> Step:

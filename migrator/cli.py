@@ -52,8 +52,8 @@ def stop_on_signals() -> Iterator[threading.Event]:
     try:
         yield stop
     finally:
-        for sig, h in previous.items():
-            signal.signal(sig, h)
+        for signum, h in previous.items():
+            signal.signal(signum, h)
 
 
 @contextmanager

@@ -11,7 +11,7 @@ import difflib
 import json
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 from migrator import control, keys
 from migrator.errors import InputError, JobNotFound, PlanConflict
@@ -199,7 +199,7 @@ def _status_of(store: Store, job: Job) -> dict[str, Any]:
             for i in control.instances(client, job.name)
         ]
         totals: dict[str, int] = {}
-        for field, value in client.hgetall(keys.counters(job.name)).items():
+        for field, value in cast(dict, client.hgetall(keys.counters(job.name))).items():
             counter = field.decode().split("|", 1)[-1]
             totals[counter] = totals.get(counter, 0) + int(value)
         out["counters"] = totals

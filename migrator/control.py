@@ -15,7 +15,7 @@ import threading
 import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
-from typing import Any
+from typing import Any, cast
 
 import redis
 
@@ -97,12 +97,12 @@ def publish(client: redis.Redis, record: ControlRecord) -> None:
 
 
 def read(client: redis.Redis, job: str) -> ControlRecord | None:
-    h = client.hgetall(keys.control(job))
+    h = cast(dict, client.hgetall(keys.control(job)))
     return ControlRecord.from_hash(h) if h else None
 
 
 def server_ms(client: redis.Redis) -> int:
-    sec, usec = client.time()
+    sec, usec = cast(tuple, client.time())
     return int(sec) * 1000 + int(usec) // 1000
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import cast
 
 import redis
 
@@ -81,4 +82,4 @@ def preflight(
             f"{plan.source.key!r} meanwhile",
         )
     room = check_memory(client, plan, force=force)
-    return PreflightReport(kind, int(client.hlen(plan.source.key)), len(live), room)
+    return PreflightReport(kind, cast(int, client.hlen(plan.source.key)), len(live), room)

@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, NoReturn, TypeVar
+from typing import Any, NoReturn, TypeVar, cast
 
 import redis
 from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_exponential
@@ -340,7 +340,7 @@ class Runner:
         cp = self.store.get_checkpoint(self.job, "copy")
         if cp and cp.finished:
             return cp.members_done
-        total = int(self.client.hlen(self.plan.source.key))
+        total = cast(int, self.client.hlen(self.plan.source.key))
         self.job = self.store.update_job(self.name, total_members=total)
         copier = HashCopier(
             self.client,

@@ -10,7 +10,7 @@ from the URL.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 from urllib.parse import unquote, urlsplit
 
 import redis
@@ -95,7 +95,7 @@ def connect(url: str, *, name: str | None = None, check: bool = True) -> redis.R
                 # client_name is applied on connect; set it explicitly on this first connection
                 # too, so that it shows in CLIENT LIST even where a proxy dropped the handshake.
                 client.client_setname(name)
-            if str(client.info("cluster").get("cluster_enabled", 0)) == "1":
+            if str(cast(dict, client.info("cluster")).get("cluster_enabled", 0)) == "1":
                 raise PreflightError(
                     f"{mask_url(url)} is a Redis Cluster node; cluster topologies are not "
                     "supported by this release (standalone and sentinel are)"

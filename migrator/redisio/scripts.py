@@ -9,7 +9,7 @@ from __future__ import annotations
 import zlib
 from functools import cache
 from importlib import resources
-from typing import Any
+from typing import Any, cast
 
 import redis
 from redis.commands.core import Script
@@ -66,7 +66,7 @@ class Scripts:
 
     def load(self, name: str) -> None:
         script = self._scripts[name]
-        script.sha = self._client.script_load(script.script)
+        script.sha = cast(str, self._client.script_load(script.script))
 
     def load_all(self) -> None:
         for name in self._scripts:

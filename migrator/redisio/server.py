@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import cast
 
 import redis
 
@@ -17,7 +18,8 @@ class ServerInfo:
 
 
 def server_info(client: redis.Redis) -> ServerInfo:
-    info = client.info("server") | client.info("memory") | client.info("replication")
+    info = cast(dict, client.info("server")) | cast(dict, client.info("memory"))
+    info |= cast(dict, client.info("replication"))
     flavour = "valkey" if "valkey_version" in info else "redis"
     version = str(info.get("valkey_version") or info.get("redis_version"))
     return ServerInfo(

@@ -215,7 +215,7 @@ class Store:
     def create_job(self, plan: Plan, *, allow_no_instances: bool = False) -> Job:
         t = now()
         with self.engine.begin() as conn:
-            job_id = conn.execute(
+            inserted = conn.execute(
                 jobs.insert().values(
                     name=plan.name,
                     spec=plan.spec(),
@@ -233,7 +233,9 @@ class Store:
                     updated_at=t,
                     phase_changed_at=t,
                 )
-            ).inserted_primary_key[0]
+            ).inserted_primary_key
+            assert inserted is not None
+            job_id = inserted[0]
             self._event(conn, job_id, "created", None, Phase.PLANNED.value, plan.spec_hash())
             if allow_no_instances:
                 self._event(
