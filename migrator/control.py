@@ -101,11 +101,6 @@ def read(client: redis.Redis, job: str) -> ControlRecord | None:
     return ControlRecord.from_hash(h) if h else None
 
 
-def server_ms(client: redis.Redis) -> int:
-    sec, usec = cast(tuple, client.time())
-    return int(sec) * 1000 + int(usec) // 1000
-
-
 def instances(client: redis.Redis, job: str) -> list[Instance]:
     """Every instance that ever heartbeated (and was not forgotten), live or not."""
     pipe = client.pipeline(transaction=False)

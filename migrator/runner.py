@@ -28,7 +28,6 @@ from migrator.errors import (
     BarrierTimeout,
     IllegalTransition,
     Interrupted,
-    MigratorError,
     RedisUnavailable,
     VerificationFailed,
 )
@@ -199,6 +198,8 @@ class Runner:
         shell): this barrier is then moot, and the phase it guarded is not to be entered.
         """
         epoch = self.job.epoch
+        # Entries of instances gone for an hour are dropped, so the instance list stays small.
+        control.forget_stale(self.client, self.name)
         deadline = time.monotonic() + self.barrier_timeout
         while True:
             try:
@@ -248,9 +249,7 @@ class Runner:
                 if self._gates
                 else default_gates(self.client, self.name, self.store.url)
             )
-        return Pacer(
-            self.plan.copy_.rate, stop=self.stop, controls=controls, gates=self._gate_list
-        )
+        return Pacer(self.plan.copy_.rate, stop=self.stop, controls=controls, gates=self._gate_list)
 
     def sizer(self) -> BatchSizer:
         return BatchSizer(self.plan.copy_.batch, self.budget_us)
@@ -280,14 +279,6 @@ class Runner:
                 self.on_progress(p)
 
         return report
-
-    def _cursor_of(self, stage: str) -> tuple[str, int]:
-        cp = self.store.get_checkpoint(self.job, stage)
-        return (cp.cursor, cp.members_done) if cp else ("0", 0)
-
-    def _extra_of(self, stage: str) -> dict[str, Any]:
-        cp = self.store.get_checkpoint(self.job, stage)
-        return dict(cp.extra) if cp else {}
 
     def _guard(self, work: Callable[[], T], what: str) -> T:
         """Run ``work``; a Redis failure stops the job with the checkpoint kept."""
@@ -584,8 +575,12 @@ class Runner:
             if not self._old_retired():
                 self.store.save_checkpoint(self.job, "retire", "0", 0, finished=True)
                 self.job = self.store.bump_epoch(self.name)
-                self.store.add_event(self.name, "retire", to_value=str(self.job.epoch),
-                                     detail="old key retired: shims write the shards only")
+                self.store.add_event(
+                    self.name,
+                    "retire",
+                    to_value=str(self.job.epoch),
+                    detail="old key retired: shims write the shards only",
+                )
                 self.publish()
             self.barrier("cleanup: old key retired")
             self._guard(lambda: self._remove_keys("cleanup", [self.plan.source.key]), "cleanup")
@@ -657,4 +652,4 @@ def _diff_message(name: str, report: VerifyReport) -> str:
     return f"verification of {name} (run {report.run}) confirmed differences: {kinds}"
 
 
-__all__ = ["MigratorError", "Runner", "VerifyReport"]
+__all__ = ["Runner", "VerifyReport"]

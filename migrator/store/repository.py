@@ -386,14 +386,6 @@ class Store:
             if res.rowcount == 0:
                 conn.execute(checkpoints.insert().values(job_id=job.id, stage=stage, **values))
 
-    def clear_checkpoint(self, job: Job, stage: str) -> None:
-        with self.engine.begin() as conn:
-            conn.execute(
-                checkpoints.delete().where(
-                    checkpoints.c.job_id == job.id, checkpoints.c.stage == stage
-                )
-            )
-
     # -- events -------------------------------------------------------------------------
     def _event(
         self,
@@ -544,12 +536,6 @@ class Store:
             q = q.where(diffs.c.status == status)
         with self.engine.connect() as conn:
             return {k: n for k, n in conn.execute(q)}
-
-    def mark_diffs(self, ids: Sequence[int], status: str) -> None:
-        if not ids:
-            return
-        with self.engine.begin() as conn:
-            conn.execute(diffs.update().where(diffs.c.id.in_(list(ids))).values(status=status))
 
 
 def _s(v: Any) -> str | None:
