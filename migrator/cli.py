@@ -7,6 +7,7 @@ Errors become exit codes here and nowhere else: MigratorError subclasses carry t
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
 import threading
@@ -18,7 +19,7 @@ from typing import Any
 import click
 
 from migrator import commands
-from migrator.errors import MigratorError
+from migrator.errors import InputError, MigratorError
 from migrator.scanloop import Progress
 
 STATE_HELP = "state store URL (default: $MIGRATOR_STATE_URL, else sqlite:///.migrator/state.db)"
@@ -35,9 +36,30 @@ def state_option(f: Callable[..., Any]) -> Callable[..., Any]:
     )(f)
 
 
+#: CPU niceness of the verbs that run long work (apply, verify, rollback, cleanup, run).
+NICE_ENV, NICE_DEFAULT = "MIGRATOR_NICE", 10
+
+
+def lower_priority() -> None:
+    """The runner is background work: on a host it shares with Redis or the application, the
+    CPU belongs to them first (docs/decisions.md; docs/benchmarks.md measures the difference).
+    ``$MIGRATOR_NICE`` sets the niceness added (0 keeps the shell's)."""
+    raw = os.environ.get(NICE_ENV, str(NICE_DEFAULT))
+    try:
+        nice = int(raw)
+    except ValueError:
+        raise InputError(f"${NICE_ENV} must be a whole number (0-19), not {raw!r}") from None
+    if not 0 <= nice <= 19:
+        raise InputError(f"${NICE_ENV} must be between 0 and 19, not {nice}")
+    if nice and hasattr(os, "nice"):
+        os.nice(nice)
+
+
 @contextmanager
 def stop_on_signals() -> Iterator[threading.Event]:
-    """SIGINT/SIGTERM ask the work to stop after the current batch (checkpoint committed)."""
+    """Long work starts here: at a lower CPU priority (:func:`lower_priority`), and with
+    SIGINT/SIGTERM asking it to stop after the current batch (checkpoint committed)."""
+    lower_priority()
     stop = threading.Event()
     previous: dict[int, Any] = {}
 

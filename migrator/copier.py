@@ -1,23 +1,31 @@
-"""Copy of a Hash source into its shard keys: budgeted, race-safe, one round trip per step.
+"""Copy of a Hash source into its shard keys: budgeted, race-safe, streamed in small commands.
 
-A copy step is one round trip carrying a few commands: scripts that copy about ``count``
-scanned members each (``hash_copy_members.lua``, which re-reads every value it writes, so a
-concurrent dual write is never undone) and the HSCAN that gathers more. The runner routes the
-members itself (``routing.py``, the contract the shim uses) and copies them a window at a time
-(up to 20 members per shard), which leaves one HMGET and a few well-filled HSETs per script.
-``count`` is the :class:`~migrator.throttle.BatchSizer`'s answer to the server-time budget, and
-:data:`FANOUT` scripts go per round trip, so the server spends about one budget on each round
-trip and serves other clients in between. A script that still runs past the budget stops
-between shards; the rest goes first in the next step. Checkpoints only ever name the end of a
-window copied in full.
+The runner scans the source (HSCAN) and routes each member itself (``routing.py``, the
+contract the shim uses); copy scripts (``hash_copy_members.lua``) re-read every value they
+write, so a concurrent dual write is never undone (the argument is in the script). Members are
+gathered in windows of up to 20 per shard, so that a script writes a shard several members at
+once with one HSET.
 
-The copy never touches the state store; the runner drives it through :func:`scanloop.drive`.
-Why it is safe under concurrent dual writes is argued in ``redisio/lua/hash_copy_members.lua``.
+**Small commands, streamed.** Each command is sized by the :class:`~migrator.throttle.BatchSizer`
+to a small slice of the server-time budget (:data:`SLICE` of ``copy.max_command_ms``: 40 µs by
+default), and the copier keeps :data:`DEPTH` of them in flight on its own connection: the
+next command is on its way while the server runs the current one, so the server does not wait
+for the runner, yet the commands are not one pipelined batch that the server would run back to
+back: the application's requests get in between them. A request therefore waits behind the
+copy for about two slices, not a whole batch (docs/benchmarks.md measures both).
+
+A :meth:`step` streams up to :data:`STEP_SCRIPTS` copy scripts (or for :data:`BURST_S`) and
+then waits for every command it sent, so that the loop around it (pacing, the rate ceiling,
+gates, checkpoints) sees an acknowledged state. The cursor a
+step returns is the end of the last window copied completely: what a checkpoint may hold.
+A script that runs past the budget stops between shards; the rest goes out again first.
 """
 
 from __future__ import annotations
 
+import time
 import zlib
+from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -27,12 +35,22 @@ from redis.exceptions import NoScriptError
 from migrator.redisio.scripts import Scripts
 from migrator.routing import HASH_FUNCTIONS
 from migrator.scanloop import Step
+from migrator.throttle import BatchSizer
 
 COPY_SCRIPT = "hash_copy_members"
-#: Copy scripts per round trip. The batch sizer aims each at a third of the budget, so two and
-#: the HSCAN that rides along hold the server about one budget per round trip: other clients
-#: wait at most about that, and the copy runs ~1.7x faster than with one (docs/benchmarks.md).
-FANOUT = 2
+#: Commands in flight at once. Two keep the server busy while the runner reads a reply and
+#: sends the next; more would only queue up behind each other, making the application wait.
+DEPTH = 2
+#: The share of the budget each copy command aims at: 40 µs of the default 1 ms. Measured on a
+#: shared 2-vCPU host (docs/benchmarks.md), this keeps the application's p99 within ~1.5x of
+#: idle; twice the slice copies ~1.6x faster and about doubles the p99. A larger
+#: ``copy.max_command_ms`` buys speed with the application's latency.
+SLICE = 0.04
+#: A step streams at most this many copy scripts, or for at most BURST_S, then waits for all
+#: of them and returns to the loop (pacing, gates, checkpoints); the wait costs about one round
+#: trip per step.
+STEP_SCRIPTS = 32
+BURST_S = 0.02
 
 #: One shard's part of a script: (shard key, members routed to it).
 Group = tuple[str, list[bytes]]
@@ -42,35 +60,13 @@ def _cursor(raw: bytes | str | int) -> str:
     return raw.decode() if isinstance(raw, bytes) else str(raw)
 
 
-def pack(groups: Sequence[Group], limit: int) -> list[list[Group]]:
-    """Split ``groups`` into scripts of at most ``limit`` members each (a group may be split)."""
-    limit = max(1, limit)
-    scripts: list[list[Group]] = []
-    current: list[Group] = []
-    size = 0
-    for key, members in groups:
-        for i in range(0, len(members), limit):
-            part = members[i : i + limit]
-            if size and size + len(part) > limit:
-                scripts.append(current)
-                current, size = [], 0
-            current.append((key, part))
-            size += len(part)
-    if current:
-        scripts.append(current)
-    return scripts
-
-
 class HashCopier:
     """Copies ``source_key`` into ``shard_keys`` one :meth:`step` at a time.
 
-    Members are gathered in windows of up to ``window`` members (20 per shard by default), so
-    that a script writes each shard several members at once (one HSET per shard is most of
-    a script's cost). A step is one round trip: ``fanout`` scripts copying about ``count``
-    members each of the window being flushed, and an HSCAN filling the next window; the
-    cursor a step returns is the end of the last window flushed completely, which is what a
-    checkpoint may hold.
-    ``scan`` caps an HSCAN's COUNT (the plan's ``copy.batch``).
+    ``sizer`` sizes each command (members per copy script; an HSCAN asks for twice that)
+    and is told what every script measured; without one, every command carries the
+    ``count`` passed to :meth:`step`. ``scan`` caps an HSCAN's COUNT (the plan's
+    ``copy.batch``); ``window`` is how many scanned members are routed together.
     """
 
     def __init__(
@@ -84,7 +80,10 @@ class HashCopier:
         hash_name: str = "crc32",
         scan: int = 500,
         window: int | None = None,
-        fanout: int = FANOUT,
+        sizer: BatchSizer | None = None,
+        depth: int = DEPTH,
+        burst_s: float = BURST_S,
+        step_scripts: int = STEP_SCRIPTS,
     ) -> None:
         self.client = client
         self.scripts = scripts
@@ -93,8 +92,11 @@ class HashCopier:
         self.keys = [source_key, *shard_keys]
         self.budget_us = budget_us
         self.scan = max(1, scan)
-        self.fanout = max(1, fanout)
         self.window = window or max(self.scan, min(20 * len(self.shard_keys), 20_000))
+        self.sizer = sizer
+        self.depth = max(1, depth)
+        self.burst_s = burst_s
+        self.step_scripts = max(1, step_scripts)
         # zlib.crc32 straight (already unsigned) spares a Python call per member.
         self._hash: Callable[[bytes], int] = (
             zlib.crc32 if hash_name == "crc32" else HASH_FUNCTIONS[hash_name]
@@ -104,38 +106,21 @@ class HashCopier:
         self._scan_cursor = "0"  # where the next HSCAN starts
         self._scan_done = False
         self._filling: list[bytes] = []  # the next window, being scanned
-        self._pending: list[Group] = []  # the window being flushed
+        self._pending: deque[Group] = deque()  # the window being flushed, not yet sent
         self._pending_end = "0"  # the cursor its last HSCAN returned
+        self._open = False  # a window is being flushed (some of it may be in flight)
         self._finished = False
+        # Sent, reply not read yet: ("scan", None) or ("copy", groups).
+        self._inflight: deque[tuple[str, list[Group] | None]] = deque()
         self.leftover_batches = 0
         self.worst_us = 0.0
+        self.most_inflight = 0  # the most commands ever in flight at once (at most ``depth``)
 
-    # -- scanning ----------------------------------------------------------------------------
-    def _queue_scan(self, pipe: redis.client.Pipeline, count: int) -> None:
-        if self._novalues is None:
-            self._novalues = self._probe_novalues()
-        count = max(1, min(count, self.scan))
-        cursor = int(self._scan_cursor)
-        if self._novalues:
-            pipe.hscan(self.source_key, cursor, count=count, no_values=True)
-        else:
-            pipe.hscan(self.source_key, cursor, count=count)
-
-    def _probe_novalues(self) -> bool | None:
-        """HSCAN ... NOVALUES (Redis 7.4+, Valkey 8+) spares the server sending values the
-        script re-reads anyway. None: not known yet (a server without NOVALUES answers an HSCAN
-        of an empty key before parsing the option, so only a reply with members proves it)."""
-        try:
-            reply: Any = self.client.hscan(self.source_key, 0, count=1, no_values=True)
-        except redis.ResponseError:
-            return False
-        return True if reply[1] else None
-
-    def _scanned(self, reply: Any) -> None:
-        nxt, found = reply
-        self._filling += found  # a list (NOVALUES) or a dict of member → value
-        self._scan_cursor = _cursor(nxt)
-        self._scan_done = self._scan_cursor == "0"
+    # -- the window ----------------------------------------------------------------------------
+    def _reset(self, cursor: str) -> None:
+        """Start over from a checkpoint (a fresh copy, or a resume)."""
+        self._safe, self._scan_cursor, self._scan_done = cursor, cursor, False
+        self._filling, self._pending, self._open, self._finished = [], deque(), False, False
 
     def _close_window(self) -> None:
         """The members scanned so far become the window to flush, routed to their shards."""
@@ -143,9 +128,15 @@ class HashCopier:
         by_shard: dict[int, list[bytes]] = {}
         for m in self._filling:
             by_shard.setdefault(h(m) % n, []).append(m)
-        self._pending = [(keys[s], ms) for s, ms in by_shard.items()]
+        self._pending = deque((keys[s], ms) for s, ms in by_shard.items())
         self._pending_end = self._scan_cursor
         self._filling = []
+        self._open = True
+
+    def _window_flushed(self) -> None:
+        self._open = False
+        self._safe = self._pending_end
+        self._finished = self._pending_end == "0"
 
     def _take(self, count: int) -> list[Group]:
         """Up to ``count`` members of the window, whole shards where they fit."""
@@ -159,101 +150,156 @@ class HashCopier:
                 self._pending[0] = (key, members[room:])
                 size = count
             else:
-                script.append(self._pending.pop(0))
+                script.append(self._pending.popleft())
                 size += len(members)
         return script
 
-    # -- copying -----------------------------------------------------------------------------
-    def _queue_copy(self, pipe: redis.client.Pipeline, script: Sequence[Group]) -> None:
-        keys: list[Any] = [self.source_key]
-        args: list[Any] = [int(self.budget_us * 0.8)]
-        members: list[Any] = []
-        for key, part in script:
-            keys.append(key)
-            args.append(len(part))
-            members += part
-        # EVALSHA straight on the pipeline: redis-py's Script would add a SCRIPT EXISTS round
-        # trip to every execute.
-        pipe.evalsha(self.scripts.script(COPY_SCRIPT).sha, len(keys), *keys, *args, *members)
+    # -- commands ------------------------------------------------------------------------------
+    def _count(self, count: int) -> int:
+        return self.sizer.batch if self.sizer else count
 
+    def _scanning(self) -> bool:
+        return any(kind == "scan" for kind, _ in self._inflight)
+
+    def _copying(self) -> bool:
+        return any(kind == "copy" for kind, _ in self._inflight)
+
+    def _next_command(self, count: int) -> tuple[list[Any], tuple[str, list[Group] | None]] | None:
+        """The next command to send, or None when there is nothing to send before a reply."""
+        if self._pending:
+            script = self._take(count)
+            keys: list[Any] = [self.source_key]
+            args: list[Any] = [int(self.budget_us * 0.8)]
+            members: list[Any] = []
+            for key, part in script:
+                keys.append(key)
+                args.append(len(part))
+                members += part
+            sha = self.scripts.script(COPY_SCRIPT).sha
+            return ["EVALSHA", sha, len(keys), *keys, *args, *members], ("copy", script)
+        if self._open and not self._copying():
+            self._window_flushed()  # every script of the window acknowledged
+        if (
+            not self._open
+            and self._filling
+            and (self._scan_done or len(self._filling) >= self.window)
+        ):
+            # A scan in flight belongs to the next window: this one ends where it started.
+            self._close_window()
+            return self._next_command(count)
+        if self._scan_done or self._scanning() or len(self._filling) >= self.window:
+            return None
+        if self._novalues is None:
+            self._novalues = self._probe_novalues()
+        n = max(1, min(2 * count, self.scan))
+        cmd: list[Any] = ["HSCAN", self.source_key, self._scan_cursor, "COUNT", n]
+        if self._novalues:
+            cmd.append("NOVALUES")
+        return cmd, ("scan", None)
+
+    def _probe_novalues(self) -> bool | None:
+        """HSCAN ... NOVALUES (Redis 7.4+, Valkey 8+) spares the server sending values the
+        script re-reads anyway. None: not known yet (a server without NOVALUES answers an HSCAN
+        of an empty key before parsing the option, so only a reply with members proves it)."""
+        try:
+            reply: Any = self.client.hscan(self.source_key, 0, count=1, no_values=True)
+        except redis.ResponseError:
+            return False
+        return True if reply[1] else None
+
+    def _received(self, what: tuple[str, list[Group] | None], reply: Any) -> tuple[int, float, int]:
+        """Account for one reply: (members copied, script's server time, members it carried)."""
+        kind, script = what
+        if kind == "scan":
+            nxt, found = reply
+            # NOVALUES: members only; otherwise member, value, member, value...
+            self._filling += found if self._novalues else found[0::2]
+            self._scan_cursor = _cursor(nxt)
+            self._scan_done = self._scan_cursor == "0"
+            return 0, 0.0, 0
+        assert script is not None
+        done, elapsed = int(reply[0]), float(reply[1])
+        carried = sum(len(p) for _k, p in script)
+        if self.sizer:
+            self.sizer.observe(elapsed, carried)
+        if done < len(script):
+            # Past the budget between two shards: the rest goes first in the next script.
+            self.leftover_batches += 1
+            self._pending.extendleft(reversed(script[done:]))
+        return sum(len(p) for _k, p in script[:done]), elapsed, carried
+
+    def _requeue(self) -> None:
+        """Commands whose replies were lost are sent again: nothing in flight was acknowledged."""
+        for kind, script in reversed(self._inflight):
+            if kind == "copy" and script:
+                self._pending.extendleft(reversed(script))
+        self._inflight.clear()
+
+    # -- the step ------------------------------------------------------------------------------
     def step(self, cursor: str, count: int) -> Step:
-        """Copy about ``count`` members (one round trip), scan more; return the checkpoint.
+        """Stream commands for about ``burst_s``; return once all are acknowledged.
 
         ``cursor`` is the checkpoint the previous step returned (or the one to resume from).
         A fresh copy's first step goes on until its first window is flushed, since "0" as a
         checkpoint would mean the copy is finished. Idempotent: re-running a step after a
         connection error copies the same members again from their current source values.
         """
-        if cursor != self._safe:  # a fresh start, or a resume from a stored checkpoint
-            self._safe, self._scan_cursor, self._scan_done = cursor, cursor, False
-            self._filling, self._pending, self._finished = [], [], False
-        copied, worst, worst_members = 0, 0.0, 0
-        while True:
-            n, elapsed, members = self._round_trip(count)
-            copied += n
-            if elapsed >= worst:
-                worst, worst_members = elapsed, members
-            if self._safe != "0" or self._finished:
-                break
-        self.worst_us = max(self.worst_us, worst)
-        return Step(self._safe, copied, worst, worst_members)
-
-    def _round_trip(self, count: int) -> tuple[int, float, int]:
-        """(members copied, the longest script's server time, members that script was given)."""
-        if not self._pending:
-            if not self._filling and not self._scan_done:
-                pipe = self.client.pipeline(transaction=False)
-                self._queue_scan(pipe, count)
-                self._scanned(pipe.execute()[0])
-            self._close_window()
-            if not self._pending:  # nothing left to copy in the scan
-                self._window_flushed()
-                return 0, 0.0, 0
-        scripts: list[list[Group]] = []
-        while self._pending and len(scripts) < self.fanout:
-            scripts.append(self._take(count))
-        scan = not self._scan_done and len(self._filling) < self.window
+        if cursor != self._safe:
+            self._reset(cursor)
         for attempt in (1, 2):
-            pipe = self.client.pipeline(transaction=False)
-            for script in scripts:
-                self._queue_copy(pipe, script)
-            if scan:
-                # Scan a little faster than windows are flushed, so that they fill up.
-                self._queue_scan(pipe, 2 * count * len(scripts))
             try:
-                replies = pipe.execute()
-                break
+                return self._stream(count)
             except NoScriptError:
-                # The server lost its script cache (restart, failover): load and re-run.
+                # The server lost its script cache (restart, failover): load and go on.
                 if attempt == 2:
-                    self._pending[:0] = [g for script in scripts for g in script]
                     raise
                 self.scripts.load(COPY_SCRIPT)
-            except BaseException:
-                # Not acknowledged: copied again next time.
-                self._pending[:0] = [g for script in scripts for g in script]
-                raise
-        if scan:
-            self._scanned(replies.pop())
-        copied, worst, worst_members = 0, 0.0, 0
-        leftovers: list[Group] = []
-        for script, (done, elapsed) in zip(scripts, replies, strict=True):
-            done, elapsed = int(done), float(elapsed)
-            if elapsed >= worst:
-                worst, worst_members = elapsed, sum(len(p) for _k, p in script)
-            copied += sum(len(p) for _k, p in script[:done])
-            # Past the budget between two shards: the rest goes first in the next round trip.
-            leftovers += script[done:]
-        if leftovers:
-            self.leftover_batches += 1
-            self._pending[:0] = leftovers
-        if not self._pending:
-            self._window_flushed()
-        return copied, worst, worst_members
+        raise AssertionError("unreachable")
 
-    def _window_flushed(self) -> None:
-        self._safe = self._pending_end
-        self._finished = self._pending_end == "0"
+    def _stream(self, count: int) -> Step:
+        pool = self.client.connection_pool
+        conn = pool.get_connection()
+        copied, worst, worst_members, scripts = 0, 0.0, 0, 0
+        ends = time.monotonic() + self.burst_s
+        try:
+            while True:
+                # Every step sends at least one copy script, and a fresh copy's first step goes
+                # on until a window is flushed (see step()).
+                if not self._finished and (
+                    not scripts
+                    or self._safe == "0"
+                    or (scripts < self.step_scripts and time.monotonic() < ends)
+                ):
+                    while len(self._inflight) < self.depth:
+                        nxt = self._next_command(self._count(count))
+                        if nxt is None:
+                            break
+                        cmd, what = nxt
+                        conn.send_packed_command(conn.pack_command(*cmd), check_health=False)
+                        self._inflight.append(what)
+                        scripts += what[0] == "copy"
+                        self.most_inflight = max(self.most_inflight, len(self._inflight))
+                if not self._inflight:
+                    break  # all acknowledged, and the burst is over or the copy is done
+                reply = conn.read_response()
+                n, elapsed, members = self._received(self._inflight.popleft(), reply)
+                copied += n
+                if elapsed >= worst:
+                    worst, worst_members = elapsed, members
+        except BaseException:
+            # Not acknowledged: sent again next time. The connection may hold replies of
+            # commands we no longer wait for, so it is closed rather than reused.
+            self._requeue()
+            conn.disconnect()
+            raise
+        finally:
+            pool.release(conn)
+        if self._open and not self._pending and not self._inflight:
+            self._window_flushed()
+        self.worst_us = max(self.worst_us, worst)
+        return Step(
+            self._safe or "0", copied, worst, worst_members, observed=self.sizer is not None
+        )
 
     def sync(self, members: Sequence[bytes], *, chunk: int = 100, found: int = -1) -> float:
         """Make ``members`` in the shards equal to the source; return the largest server time."""

@@ -23,7 +23,7 @@ from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_e
 from migrator import control
 from migrator.cleaner import KeyRemover
 from migrator.control import ControlRecord
-from migrator.copier import HashCopier
+from migrator.copier import SLICE, HashCopier
 from migrator.errors import (
     BarrierTimeout,
     IllegalTransition,
@@ -333,6 +333,7 @@ class Runner:
             return cp.members_done
         total = cast(int, self.client.hlen(self.plan.source.key))
         self.job = self.store.update_job(self.name, total_members=total)
+        sizer = BatchSizer(self.plan.copy_.batch, self.budget_us, aim=SLICE)
         copier = HashCopier(
             self.client,
             self.scripts,
@@ -341,6 +342,7 @@ class Runner:
             self.budget_us,
             hash_name=self.plan.target.hash,
             scan=self.plan.copy_.batch,
+            sizer=sizer,
         )
         cursor, done = (cp.cursor, cp.members_done) if cp else ("0", 0)
         if cp:
@@ -356,7 +358,7 @@ class Runner:
             cursor=cursor,
             done=done,
             total=total,
-            sizer=self.sizer(),
+            sizer=sizer,
             pacer=self.pacer(),
             save=self._saver("copy"),
             report=self._report("copy"),

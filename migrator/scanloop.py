@@ -21,6 +21,7 @@ class Step:
     members: int
     elapsed_us: float  # server time of the longest command of the step
     command_members: int = 0  # members that command handled (0: all of ``members``)
+    observed: bool = False  # the step told the sizer about each command itself
 
 
 @dataclass
@@ -68,7 +69,8 @@ def drive(
             first = False
             pacer.before_batch(waiting)
             result = step(cursor, sizer.batch)
-            sizer.observe(result.elapsed_us, result.command_members or result.members)
+            if not result.observed:
+                sizer.observe(result.elapsed_us, result.command_members or result.members)
             cursor, done = result.cursor, done + result.members
             now = time.monotonic()
             if cursor == "0" or now - last_save >= save_every:

@@ -29,9 +29,12 @@ OUTSIDE_US_PER_MEMBER = 0.4
 class BatchSizer:
     """Members per command, adapted so that each command stays within ``budget_us``."""
 
-    def __init__(self, max_batch: int, budget_us: float, start: int | None = None) -> None:
+    def __init__(
+        self, max_batch: int, budget_us: float, start: int | None = None, *, aim: float = 0.3
+    ) -> None:
         self.max_batch = max(1, max_batch)
         self.budget_us = budget_us
+        self.aim = aim  # the share of the budget each command aims at
         self.batch = max(1, min(self.max_batch, start or min(self.max_batch, 64)))
         self.overruns = 0
 
@@ -42,18 +45,19 @@ class BatchSizer:
         # counts what happens around the script: argument and reply conversion, Lua garbage
         # collection, freeing what it deleted. Part of it grows with the members the command
         # carries (OUTSIDE_US_PER_MEMBER); the rest, and a busy host stretching all of it, is
-        # why the aim is 30% of the budget. The per-member cost varies too (value sizes).
+        # why the aim is at most 30% of the budget. The per-member cost varies too (value sizes).
         elapsed_us += OUTSIDE_US_PER_MEMBER * members
         per_member = max(elapsed_us / members, 0.05)
-        target = int(0.3 * self.budget_us / per_member)
+        aim_us = self.aim * self.budget_us
+        target = int(aim_us / per_member)
         if elapsed_us > 0.8 * self.budget_us:
             if elapsed_us > self.budget_us:
                 self.overruns += 1
             self.batch = max(1, min(target, self.batch // 2))
-        elif elapsed_us > 0.45 * self.budget_us:
-            # Close to the budget: step back before an overrun rather than after one.
+        elif elapsed_us > 1.5 * aim_us:
+            # Well past the aim: step back before an overrun rather than after one.
             self.batch = max(1, min(target, self.batch - max(1, self.batch // 8)))
-        elif elapsed_us < 0.2 * self.budget_us:
+        elif elapsed_us < 0.67 * aim_us:
             self.batch = min(
                 self.max_batch, max(self.batch + 1, min(target, int(self.batch * 1.25)))
             )

@@ -3,9 +3,12 @@
 Usage: bench_copy.py URL SOURCE TEMPLATE SHARDS BUDGET_MS RATE SECONDS
 
 Runs exactly what ``Runner.copy`` runs (HashCopier driven by scanloop.drive with the batch
-sizer, the pacer and the default gates), minus the state store, for at most SECONDS, with
-the given server-time budget and rate ceiling. Prints ``members started ended worst_us``: wall
-clock times, and the longest server time a copy script reported by its own clock.
+sizer, the pacer and the default gates, at the CPU priority of ``migrator plan apply``:
+``$MIGRATOR_NICE``), minus the state store, for at most SECONDS, with the given server-time
+budget and rate ceiling. Prints ``members started ended worst_us server_us``: wall clock times,
+the longest server time a copy script reported by its own clock, and the server's time per
+member copied for the EVALSHA and HSCAN calls made meanwhile (INFO commandstats; the bench's
+load sends neither).
 """
 
 from __future__ import annotations
@@ -14,11 +17,13 @@ import contextlib
 import sys
 import time
 from pathlib import Path
+from typing import Any, cast
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from migrator.copier import HashCopier  # noqa: E402
+from migrator.cli import lower_priority  # noqa: E402
+from migrator.copier import SLICE, HashCopier  # noqa: E402
 from migrator.gates import default_gates  # noqa: E402
 from migrator.redisio import Scripts, connect  # noqa: E402
 from migrator.scanloop import Step, drive  # noqa: E402
@@ -29,14 +34,23 @@ class TimeUp(Exception):
     pass
 
 
+def command_stat(client: Any, stat: str, *names: str) -> int:
+    """INFO commandstats: ``stat`` ("calls" or "usec") summed over commands ``names``."""
+    stats = cast(dict[str, dict[str, int]], client.info("commandstats"))
+    return sum(int(stats.get(f"cmdstat_{n}", {}).get(stat, 0)) for n in names)
+
+
 def main() -> int:
     url, source, template = sys.argv[1], sys.argv[2], sys.argv[3]
     shards, budget_ms = int(sys.argv[4]), float(sys.argv[5])
     rate, seconds = float(sys.argv[6]), float(sys.argv[7])
+    lower_priority()
     client = connect(url, name="migrator:bench-sweep")
     keys = [template.replace("{shard}", str(i)) for i in range(shards)]
-    copier = HashCopier(client, Scripts(client), source, keys, budget_ms * 1000.0)
+    sizer = BatchSizer(500, budget_ms * 1000.0, aim=SLICE)
+    copier = HashCopier(client, Scripts(client), source, keys, budget_ms * 1000.0, sizer=sizer)
     done = 0
+    usec = command_stat(client, "usec", "evalsha", "hscan")
     started = time.time()
 
     def step(cursor: str, count: int) -> Step:
@@ -54,11 +68,13 @@ def main() -> int:
             cursor="0",
             done=0,
             total=None,
-            sizer=BatchSizer(500, budget_ms * 1000.0),
+            sizer=sizer,
             pacer=Pacer(rate, gates=default_gates(client, "bench-sweep", None)),
             save=lambda cursor, done, finished: None,
         )
-    print(done, started, time.time(), copier.worst_us)
+    ended = time.time()
+    per_member = (command_stat(client, "usec", "evalsha", "hscan") - usec) / max(done, 1)
+    print(done, started, ended, copier.worst_us, per_member)
     return 0
 
 

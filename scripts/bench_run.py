@@ -31,12 +31,14 @@ from array import array
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import redis
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from bench_copy import command_stat  # noqa: E402  (scripts/ is on sys.path as the script's dir)
 
 from migrator import commands  # noqa: E402
 from migrator.store import open_store  # noqa: E402
@@ -135,9 +137,12 @@ class Load:
         return both[:n], both[n:]
 
 
-def p99_in(samples: tuple[array[float], array[float]], start: float, end: float) -> dict[str, Any]:
+def p99_in(
+    samples: tuple[array[float], array[float]], *windows: tuple[float, float]
+) -> dict[str, Any]:
+    """p50/p99 of the load's latencies inside ``windows`` ((start, end) wall-clock pairs)."""
     at, lat = samples
-    window = sorted(lat[i] for i in range(len(at)) if start <= at[i] <= end)
+    window = sorted(lat[i] for i in range(len(at)) if any(a <= at[i] <= b for a, b in windows))
     if not window:
         return {"n": 0, "p50_us": None, "p99_us": None}
     n = len(window)
@@ -161,7 +166,7 @@ class Slow:
 
 def slowlog(client: redis.Redis, name_prefix: str, budget_us: float) -> Slow:
     out = Slow()
-    for e in client.slowlog_get(1_000_000):
+    for e in cast(list[dict[str, Any]], client.slowlog_get(1_000_000)):
         name = e.get("client_name") or b""
         name = name.decode() if isinstance(name, bytes) else str(name)
         if not name.startswith(name_prefix):
@@ -251,16 +256,20 @@ def run_recipe(url: str) -> tuple[int, float, float]:
 
 
 def run_copy(
-    url: str, budget_ms: float, rate: float, seconds: float
-) -> tuple[int, float, float, float]:
+    url: str, budget_ms: float, rate: float, seconds: float, nice: int | None
+) -> tuple[int, float, float, float, float]:
+    env = dict(os.environ)
+    if nice is not None:
+        env["MIGRATOR_NICE"] = str(nice)
     out = subprocess.run(
         [PY, str(ROOT / "scripts" / "bench_copy.py"), url, SOURCE, "bench:sweep:{shard}"]
         + [str(SHARDS), str(budget_ms), str(rate), str(seconds)],
         capture_output=True,
         text=True,
         check=True,
+        env=env,
     ).stdout.split()
-    return int(out[0]), float(out[1]), float(out[2]), float(out[3])
+    return int(out[0]), float(out[1]), float(out[2]), float(out[3]), float(out[4])
 
 
 def cpu_neighbour(seconds: float) -> tuple[float, float]:
@@ -278,23 +287,39 @@ def cpu_neighbour(seconds: float) -> tuple[float, float]:
     return t0, time.time()
 
 
+#: Tradeoff points: (budget ms, rate ceiling, niceness; None = the CLI's default).
+POINTS = (
+    (0.25, 0, None),
+    (0.5, 0, None),
+    (1.0, 0, None),
+    (1.0, 0, 0),
+    (2.0, 0, None),
+    (4.0, 0, None),
+    (1.0, 50_000, None),
+    (1.0, 20_000, None),
+)
+
+
 def sweep(client: redis.Redis, url: str, seconds: float) -> list[dict[str, Any]]:
-    """The copy at other budgets and rate ceilings, each for ``seconds`` under the load."""
+    """The copy at other budgets, rate ceilings and priorities, each for ``seconds``."""
     points: list[dict[str, Any]] = []
-    for budget_ms, rate in ((0.25, 0), (0.5, 0), (1.0, 0), (2.0, 0), (1.0, 50_000), (1.0, 20_000)):
+    for budget_ms, rate, nice in POINTS:
         client.unlink(*[f"bench:sweep:{i}" for i in range(SHARDS)])
         time.sleep(0.5)
-        n, t0, t1, worst = run_copy(url, budget_ms, rate, seconds)
+        n, t0, t1, worst, server_us = run_copy(url, budget_ms, rate, seconds, nice)
         points.append(
-            {"budget_ms": budget_ms, "rate": rate, "members": n, "window": (t0, t1), "worst": worst}
+            {
+                "budget_ms": budget_ms,
+                "rate": rate,
+                "nice": nice,
+                "members": n,
+                "window": (t0, t1),
+                "worst": worst,
+                "server_us": server_us,
+            }
         )
     client.unlink(*[f"bench:sweep:{i}" for i in range(SHARDS)])
     return points
-
-
-def command_calls(client: redis.Redis, *names: str) -> int:
-    stats = client.info("commandstats")
-    return sum(int(stats.get(f"cmdstat_{n}", {}).get("calls", 0)) for n in names)
 
 
 # -- shim overhead -------------------------------------------------------------------------
@@ -351,6 +376,19 @@ def ratio(a: float | None, b: float | None) -> str:
     return f"{a / b:.2f}x" if a and b else "n/a"
 
 
+def server_row(r: dict[str, Any]) -> str:
+    """Row 1b: what each copy costs the server per member, and the rate that would saturate it."""
+    mig, rec = r["server_us"]["migrator"], r["server_us"]["recipe"]
+
+    def cell(us: float | None) -> str:
+        return f"{us:.2f} µs (server saturated at {1e6 / us:,.0f}/s)" if us else "—"
+
+    return (
+        "| 1b | server time per member copied (INFO commandstats; the migrator figure from the "
+        f"tradeoff table's default row) | {cell(mig)} | {cell(rec)} | {ratio(mig, rec)} |"
+    )
+
+
 def render(r: dict[str, Any]) -> str:
     m, s = r["machine"], r["server"]
     idle = r["load"]["idle"]["p99_us"]
@@ -375,6 +413,7 @@ def render(r: dict[str, Any]) -> str:
         f"| 1 | copy rate, members/s (race-safe, {BUDGET_MS:g} ms budget, no rate ceiling) | "
         f"{r['copy']['migrator']:,.0f} | {r['copy']['recipe']:,.0f} | "
         f"**{ratio(r['copy']['migrator'], r['copy']['recipe'])}** |",
+        server_row(r),
         f"| 2 | longest server-side command (SLOWLOG), budget {BUDGET_MS * 1000:.0f} µs | "
         f"{slow_m['longest_us']} µs ({slow_m['command']}); {slow_m['over_budget']} of "
         f"{slow_m['sent']:,} commands over the budget | {slow_r['longest_us']} µs "
@@ -431,23 +470,23 @@ def render(r: dict[str, Any]) -> str:
             "pacer and gates as `migrator plan apply`) for a few seconds at other budgets",
             "(`copy.max_command_ms`) and rate ceilings (`copy.rate`), under the same load:",
             "",
-            "| budget | rate ceiling | members/s | longest script (own clock) | load p50 µs |"
-            " load p99 µs | p99 / idle |",
-            "|---|---|---|---|---|---|---|",
+            "| budget | rate ceiling | runner niceness | members/s | server µs / member |"
+            " longest script (own clock) | load p50 µs | load p99 µs | p99 / idle |",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
         for pt in r["sweep"]:
             ceiling = f"{pt['rate']:,.0f}/s" if pt["rate"] else "none"
+            nice = "10 (default)" if pt["nice"] is None else f"{pt['nice']}"
             lines.append(
-                f"| {pt['budget_ms']:g} ms | {ceiling} | "
-                f"{pt['rate_members_s']:,.0f} | {pt['worst']:.0f} µs | {pt['p50_us']} | "
-                f"{pt['p99_us']} | "
-                f"{ratio(pt['p99_us'], idle)} |"
+                f"| {pt['budget_ms']:g} ms | {ceiling} | {nice} | "
+                f"{pt['rate_members_s']:,.0f} | {pt['server_us']:.2f} | {pt['worst']:.0f} µs | "
+                f"{pt['p50_us']} | {pt['p99_us']} | {ratio(pt['p99_us'], idle)} |"
             )
         nf = r.get("noise_floor")
         if nf:
             lines += [
                 "| no copy: a process busy 1 ms of every 2 ms, never touching Redis | — | — | — | "
-                f"{nf['p50_us']} | {nf['p99_us']} | {ratio(nf['p99_us'], idle)} |",
+                f"— | — | {nf['p50_us']} | {nf['p99_us']} | {ratio(nf['p99_us'], idle)} |",
             ]
     lines += ["", FINDINGS, "", r["method"], ""]
     return "\n".join(lines)
@@ -456,33 +495,36 @@ def render(r: dict[str, Any]) -> str:
 FINDINGS = """\
 ## What the figures say
 
-* **Where the copy's time goes.** A copy step is one round trip: two scripts that re-read
-  and write about a third of a budget's worth of members each, plus an HSCAN gathering the
-  next ones, so the server is held about one budget per round trip. The runner routes members
-  itself (zlib's crc32, the shim's contract) and copies a window of up to 20 members per shard
-  at a time, so a script writes each shard with one well-filled HSET; the server spends a few
-  µs per member, HSCAN included (the tradeoff table gives the rate each budget buys). Lua's
-  crc32 and per-member HSETs, the first version's design, cost about twice that. The recipe
-  spends less server time per member (plain HSETs and no re-read) but builds one Python
-  command per member, so it is bound by its client; it is also not race-safe.
-* **The budget.** Scripts time themselves (Valkey: the server's CPU clock, since it freezes
-  TIME inside a script; Redis 7: TIME) and the batch sizer keeps them near a third of the
-  budget; a script past 80% of it stops between two shards and the rest goes first in the
-  next step, and the sizer shrinks the next ones after any overrun. The rare entries over the
-  budget are outliers of a few ms that the work's size does not explain: the host preempting
-  the server mid-command (SLOWLOG, like Redis 7's TIME, counts wall time; HSCANs show it as
-  well as scripts, the recipe's as well as the runner's) and Lua's garbage collector, which
-  runs when scripts allocate.
+* **Where the copy's time goes.** The copy streams small commands: HSCANs gathering member
+  names, and scripts that re-read a few dozen members' values and write them to their shards
+  (one HSET per shard per script). The runner routes members itself (zlib's crc32, the shim's
+  contract). Row 1b is the server time each copy spends per member and the rate at which that
+  would keep the server fully busy. A race-safe copy must read every value in the same atomic
+  step that writes it (otherwise a concurrent update is overwritten or a delete resurrected),
+  and that read, with the script around it, is the extra server time over the recipe's plain
+  HSETs. The recipe is bound by its Python client (one command built per member), not by the
+  server. So the copy can only be twice as fast as the recipe where the server has room for
+  it: compare migrator's saturation rate in row 1b with twice the recipe's rate in row 1.
+* **The budget and the slice.** Each copy command aims at a small slice of the budget (4%:
+  40 µs of the default 1 ms). Scripts time themselves (Valkey: the server's CPU clock, since it
+  freezes TIME inside a script; Redis 7: TIME), the batch sizer keeps them near the slice, and
+  a script past 80% of the budget stops between two shards and hands the rest on. The rare
+  SLOWLOG entries over the budget are outliers the work's size does not explain: the host
+  preempting the server mid-command (SLOWLOG, like Redis 7's TIME, counts wall time; HSCANs
+  show it as well as scripts, the recipe's as well as the runner's) and Lua's garbage collector.
 * **Concurrent p99.** The server runs one command at a time, so a request that arrives during
-  a runner round trip waits for it: up to about a budget (two scripts and an HSCAN). The
-  recipe's HSCAN COUNT 1000 with values and its pipelines of 1000 HSETs hold the server
-  longer. So the wait grows with `copy.max_command_ms` (compare the tradeoff table's rows):
-  p99 within 1.5x of idle takes a budget of about 0.1-0.25 ms here, at a fraction of the
-  speed; a rate ceiling makes the waits rarer but not shorter, so it moves p50 more than p99.
-  The default 1 ms budget trades p99 for speed. The table's last row is the host's own noise
-  floor (a neighbour process that never touches Redis): all three processes share 2 vCPUs,
-  and on a busy host that floor alone reaches several times idle, so compare figures from one
-  run only.
+  a runner command waits for it, and for the runner's next command when that was already
+  queued: about two slices. The copier keeps two commands in flight, so the server does not
+  sit idle while the runner reads a reply, but never a batch: the application's requests get
+  in between any two. The recipe's HSCAN COUNT 1000 with values and its pipelines of 1000
+  HSETs hold the server for milliseconds. In the tradeoff table a larger budget means larger
+  slices: faster, and a higher p99; a rate ceiling makes the waits rarer, not shorter.
+* **CPU priority.** Everything here shares 2 vCPUs. The runner is a Python process busy
+  routing and packing commands, and the CPU it takes is CPU the application's processes wait
+  for: work verbs run at niceness 10 (`$MIGRATOR_NICE`), so they go first. The tradeoff
+  table's niceness-0 row shows what that is worth; its last row is the host's own noise floor
+  (a neighbour process that never touches Redis). Idle p99 on such a host moves by tens of µs
+  between runs, so compare figures from one run only.
 * **Memory.** The runner holds one window of member names and nothing per member copied, so
   its peak RSS is the same for a 1M- and a 4M-member key.
 """
@@ -492,12 +534,13 @@ METHOD = """\
 ## How it is measured
 
 * **Copy rate** — `migrator plan apply` (default plan settings: `batch 500`, `rate 0`,
-  `max_command_ms 1.0`) in its own process; the copy's duration is the time between the
-  audited phase changes `copying` → `verifying`. The recipe is `scripts/bench_recipe.py`:
-  HSCAN COUNT 1000, then one HSET per returned field to shard `crc32(field) % 100`, pipelined
-  once per scan step, no throttle. The recipe is *not* race-safe (it writes the values its
-  HSCAN saw, so a concurrent update is overwritten and a concurrent delete resurrected); the
-  migrator copy re-reads every value inside the script that writes it.
+  `max_command_ms 1.0`; default niceness) in its own process; the copy's duration is the time
+  between the audited phase changes `copying` → `verifying`. The recipe is
+  `scripts/bench_recipe.py`: HSCAN COUNT 1000, then one HSET per returned field to shard
+  `crc32(field) % 100`, pipelined once per scan step, no throttle. The recipe is *not*
+  race-safe (it writes the values its HSCAN saw, so a concurrent update is overwritten and a
+  concurrent delete resurrected); the migrator copy re-reads every value inside the script
+  that writes it.
 * **Server-side duration** — `SLOWLOG` with `slowlog-log-slower-than` at a quarter of the
   budget, entries picked by client name (`migrator:NAME` for the runner, `bench:recipe` for the
   recipe), against the number of EVALSHA and HSCAN calls the runner made (`INFO
@@ -507,7 +550,10 @@ METHOD = """\
 * **Concurrent p99** — `scripts/bench_load.py`: one connection, one command every 1 ms
   (alternating GET of a small string and HGET of a random member of the source), wall time and
   latency of every call recorded; percentiles over the samples inside each copy's window, idle
-  from the seconds before the copies.
+  from the seconds before migrator's copy and before the recipe's, pooled.
+* **Server time per member** — the `usec` of `INFO commandstats` for the copy's own commands
+  (EVALSHA and HSCAN for migrator, in the tradeoff table's runs; HSCAN and HSET for the recipe),
+  over the members copied meanwhile. The load sends only GET and HGET, so it is not counted.
 * **Verify rate** — members of the source per second of the `verifying` phase, which reads the
   source → shards direction and the shards → source direction once each, then re-checks
   suspects.
@@ -557,7 +603,7 @@ def main() -> int:
     try:
         t = time.monotonic()
         seed(client, SOURCE, args.members)
-        sample = client.hrandfield(SOURCE, 1000, withvalues=True)
+        sample = cast(list[bytes], client.hrandfield(SOURCE, 1000, withvalues=True))
         result["value_bytes"] = statistics.mean(len(v) for v in sample[1::2])
         log(f"seeded {args.members:,} members in {time.monotonic() - t:.1f}s")
 
@@ -571,17 +617,21 @@ def main() -> int:
         reset_logs(client, int(BUDGET_MS * 250))
         plan = write_plan(work / "copy.yaml", server.url, "bench-copy", SOURCE, TARGET)
         log("migrator plan apply (copy + verify) ...")
-        calls = command_calls(client, "evalsha", "hscan")
+        calls = command_stat(client, "calls", "evalsha", "hscan")
         mig = run_apply(plan, f"sqlite:///{work}/state.db", "bench-copy")
         mig_slow = slowlog(client, "migrator:bench-copy", BUDGET_MS * 1000)
-        mig_slow.sent = command_calls(client, "evalsha", "hscan") - calls
+        mig_slow.sent = command_stat(client, "calls", "evalsha", "hscan") - calls
         log(f"  copy {mig.copy_s:.1f}s, verify {mig.verify_s:.1f}s, RSS {mig.rss_mib:.0f} MiB")
 
-        # 1, 2, 3 — the recipe under the same load.
-        time.sleep(1.0)
+        # 1, 2, 3 — the recipe under the same load, after more idle time.
+        i0 = time.time()
+        time.sleep(args.idle_seconds / 2)
+        i1 = time.time()
         reset_logs(client, int(BUDGET_MS * 250))
         log("recipe copy ...")
+        usec = command_stat(client, "usec", "hscan", "hset")
         copied, r0, r1 = run_recipe(server.url)
+        rec_server_us = (command_stat(client, "usec", "hscan", "hset") - usec) / max(copied, 1)
         rec_slow = slowlog(client, "bench:recipe", BUDGET_MS * 1000)
         log(f"  recipe {copied:,} members in {r1 - r0:.1f}s")
         points: list[dict[str, Any]] = []
@@ -598,16 +648,21 @@ def main() -> int:
         }
         result["slowlog"] = {"migrator": mig_slow.__dict__, "recipe": rec_slow.__dict__}
         result["load"] = {
-            "idle": p99_in(samples, t0, t1),
-            "migrator": p99_in(samples, *mig.copy_window),
-            "recipe": p99_in(samples, r0, r1),
+            "idle": p99_in(samples, (t0, t1), (i0, i1)),
+            "migrator": p99_in(samples, mig.copy_window),
+            "recipe": p99_in(samples, (r0, r1)),
         }
         result["verify"] = {"rate": args.members / mig.verify_s, "detail": mig.verify_detail}
         for pt in points:
             pt["rate_members_s"] = pt["members"] / (pt["window"][1] - pt["window"][0])
-            pt.update(p99_in(samples, *pt["window"]))
+            pt.update(p99_in(samples, pt["window"]))
         result["sweep"] = points
-        result["noise_floor"] = p99_in(samples, *floor) if floor else None
+        result["noise_floor"] = p99_in(samples, floor) if floor else None
+        default = [p for p in points if p["budget_ms"] == BUDGET_MS and not p["rate"]]
+        result["server_us"] = {
+            "migrator": default[0]["server_us"] if default else None,
+            "recipe": rec_server_us,
+        }
         result["rss"] = {"small": mig.rss_mib}
 
         # 5 — the runner's RSS on a 4x bigger key.

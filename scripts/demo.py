@@ -31,8 +31,13 @@ def seed(r: redis.Redis) -> None:
     t = time.monotonic()
     pipe = r.pipeline(transaction=False)
     for i in range(MEMBERS):
-        pipe.hset(SOURCE, f"user:{i}", json.dumps(
-            {"id": i, "name": f"user {i}", "email": f"user{i}@example.com", "plan": "pro"}))
+        pipe.hset(
+            SOURCE,
+            f"user:{i}",
+            json.dumps(
+                {"id": i, "name": f"user {i}", "email": f"user{i}@example.com", "plan": "pro"}
+            ),
+        )
         if i % 10_000 == 9_999:
             pipe.execute()
     pipe.execute()
@@ -50,8 +55,10 @@ def check(r: redis.Redis) -> bool:
                 return False
             shards[k] = v
     ok = shards == source
-    print(f"\nshards hold {len(shards):,} members; source holds {len(source):,}: "
-          f"{'exactly equal' if ok else 'DIFFERENT'}")
+    print(
+        f"\nshards hold {len(shards):,} members; source holds {len(source):,}: "
+        f"{'exactly equal' if ok else 'DIFFERENT'}"
+    )
     return ok
 
 
@@ -67,12 +74,14 @@ def main() -> int:
         url = server.url
         print(f"started a throwaway {binaries[0].flavour} {binaries[0].version} at {url}")
     workdir = Path(tempfile.mkdtemp(prefix="migrator-demo-"))
-    env = {**os.environ, "REDIS_URL": url,
-           "MIGRATOR_STATE_URL": f"sqlite:///{workdir}/state.db"}
+    env = {**os.environ, "REDIS_URL": url, "MIGRATOR_STATE_URL": f"sqlite:///{workdir}/state.db"}
     try:
         r = redis.Redis.from_url(url)
-        taken = [k for k in [SOURCE, *(TEMPLATE.replace("{shard}", str(i)) for i in range(SHARDS))]
-                 if r.exists(k)]
+        taken = [
+            k
+            for k in [SOURCE, *(TEMPLATE.replace("{shard}", str(i)) for i in range(SHARDS))]
+            if r.exists(k)
+        ]
         if taken:
             print(f"REDIS_URL already holds {taken[0]!r}: the demo only writes to empty keys")
             return 2

@@ -1,4 +1,5 @@
-"""Server-side scripts: loaded from ``lua/``, each prepended with ``lib.lua`` (crc32, time, TTL).
+"""Server-side scripts: loaded from ``lua/``, each prepended with ``lib.lua`` (time, TTL), and
+with ``crc32.lua`` when it routes members itself.
 
 Scripts are registered once per client and run with EVALSHA (redis-py's Script falls back to
 EVAL/SCRIPT LOAD after a restart or failover flushed the script cache).
@@ -46,10 +47,13 @@ def _crc_with(table: list[int], data: bytes) -> int:
 
 @cache
 def source(name: str) -> str:
-    """The full Lua source of script ``name`` (lib prepended)."""
+    """The full Lua source of script ``name`` (lib, and crc32 where it is used, prepended)."""
     lua = resources.files("migrator.redisio") / "lua"
-    lib = (lua / "lib.lua").read_text().replace("__CRC_TABLE__", _crc_table())
-    return lib + "\n" + (lua / f"{name}.lua").read_text()
+    body = (lua / f"{name}.lua").read_text()
+    lib = (lua / "lib.lua").read_text()
+    if "crc32(" in body:
+        lib = (lua / "crc32.lua").read_text().replace("__CRC_TABLE__", _crc_table()) + lib
+    return lib + "\n" + body
 
 
 class Scripts:

@@ -32,7 +32,7 @@ def test_lua_crc32_routes_like_python(r: redis.Redis) -> None:
     args: list[object] = []
     for m in members:
         args += [m or b"\x00empty", -1]
-    Scripts(r).hash_sync(["src", *shard_keys], args)  # routes with the Lua crc32 of lib.lua
+    Scripts(r).hash_sync(["src", *shard_keys], args)  # routes with the Lua crc32 of crc32.lua
     for i, k in enumerate(shard_keys):
         for m in r.hkeys(k):
             assert shard_of(m, 13) == i

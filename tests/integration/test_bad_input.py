@@ -102,3 +102,25 @@ def test_unreachable_server_is_a_clear_message(tmp_path: Path) -> None:
     assert "cannot reach Redis at redis://127.0.0.1:" in res.stderr
     assert "Traceback" not in res.stderr
     assert not (tmp_path / ".migrator" / "state.db").exists()
+
+
+def test_a_bad_niceness_is_refused_before_anything_is_written(
+    redis_server: RedisServer, r: redis.Redis, tmp_path: Path
+) -> None:
+    seed_hash(r, "big:hash", 100)
+    before = _snapshot(r)
+    plan = write_plan(tmp_path / "p.yaml", redis_server.url)
+    res = run_cli(
+        "plan",
+        "apply",
+        str(plan),
+        "--allow-no-instances",
+        cwd=tmp_path,
+        env={"MIGRATOR_NICE": "low"},
+    )
+    _assert_refused(
+        res,
+        "$MIGRATOR_NICE must be a whole number (0-19), not 'low'",
+        tmp_path / ".migrator" / "state.db",
+    )
+    assert _snapshot(r) == before, "Redis was written"

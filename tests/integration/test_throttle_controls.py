@@ -3,6 +3,7 @@ second on a `migrator plan apply` running in another process, and status shows w
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -81,6 +82,8 @@ def test_pause_resume_and_set_rate_act_on_a_running_copy_within_a_second(
     state_url: str,
 ) -> None:
     proc, model = running_copy
+    # Long work runs niced (cli.lower_priority), 10 above the shell that started it.
+    assert os.getpriority(os.PRIO_PROCESS, proc.pid) == min(19, os.nice(0) + 10)
 
     res = run_cli("pause", JOB, "--state", state_url)
     assert res.returncode == 0, res.stderr

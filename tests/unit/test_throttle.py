@@ -1,5 +1,5 @@
-"""Pure pacing logic: batch sizing against the budget, the rate ceiling, live controls, gates,
-and how a copy step is cut into scripts. (Real-server behaviour: tests/integration.)"""
+"""Pure pacing logic: batch sizing against the budget, the rate ceiling, live controls and gates.
+(Real-server behaviour: tests/integration.)"""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ import time
 
 import pytest
 
-from migrator.copier import pack
 from migrator.errors import Interrupted
 from migrator.throttle import BatchSizer, Controls, Gate, Pacer, RateLimiter
 
@@ -28,19 +27,18 @@ def test_sizer_grows_back_slowly_and_never_past_the_plan_batch() -> None:
     assert s.batch == 500
 
 
+def test_sizer_aims_at_its_slice_of_the_budget() -> None:
+    s = BatchSizer(500, 1000.0, start=100, aim=0.08)
+    for _ in range(30):
+        s.observe(elapsed_us=2.0 * s.batch, members=s.batch)  # 2 µs a member, plus 0.4 outside
+    assert 20 <= s.batch <= 40  # ~80 µs of 2.4 µs members, well below the 30% the default aims
+    assert s.overruns == 0
+
+
 def test_sizer_steps_back_near_the_budget() -> None:
     s = BatchSizer(500, 1000.0, start=400)
     s.observe(elapsed_us=800.0, members=400)  # within budget, but close
     assert s.batch < 400 and s.overruns == 0
-
-
-def test_pack_cuts_scripts_at_the_member_limit_and_splits_big_groups() -> None:
-    groups = [("a", [b"1", b"2", b"3"]), ("b", [b"4"]), ("c", [b"5", b"6", b"7", b"8", b"9"])]
-    scripts = pack(groups, 4)
-    assert all(sum(len(p) for _k, p in s) <= 4 for s in scripts)
-    flat = [(k, m) for s in scripts for k, part in s for m in part]
-    assert flat == [(k, m) for k, ms in groups for m in ms]  # nothing lost, order kept
-    assert pack(groups, 1) == [[(k, [m])] for k, m in flat]
 
 
 def test_rate_limiter_unlimited_never_waits() -> None:

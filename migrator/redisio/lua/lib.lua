@@ -1,16 +1,6 @@
--- Shared helpers, prepended to every migrator script (see migrator/redisio/scripts.py).
--- crc32 is the IEEE polynomial, byte-for-byte equal to Python's zlib.crc32 (routing.py has
--- the test vectors); the table literal is generated so nothing is computed per call.
-local CRC_T = {__CRC_TABLE__}
-local bxor, band, rshift = bit.bxor, bit.band, bit.rshift
-local sbyte = string.byte
-local function crc32(s)
-  local crc = 0xFFFFFFFF
-  for i = 1, #s do
-    crc = bxor(rshift(crc, 8), CRC_T[band(bxor(crc, sbyte(s, i)), 0xFF) + 1])
-  end
-  return bxor(crc, 0xFFFFFFFF) % 4294967296
-end
+-- Shared helpers, prepended to every migrator script (see migrator/redisio/scripts.py):
+-- time, TTL. Scripts that route members get crc32.lua as well; the others do without it,
+-- since its table would be built again on every call.
 local function wall_us()
   local t = redis.call('TIME')
   return tonumber(t[1]) * 1000000 + tonumber(t[2])
