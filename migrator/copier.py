@@ -237,7 +237,8 @@ class HashCopier:
 
     # -- the step ------------------------------------------------------------------------------
     def step(self, cursor: str, count: int) -> Step:
-        """Stream commands for about ``burst_s``; return once all are acknowledged.
+        """Stream up to ``step_scripts`` copy scripts (for at most ``burst_s``, but at least
+        one); return once every command sent is acknowledged.
 
         ``cursor`` is the checkpoint the previous step returned (or the one to resume from).
         A fresh copy's first step goes on until its first window is flushed, since "0" as a

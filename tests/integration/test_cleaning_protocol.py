@@ -57,10 +57,22 @@ def test_cutover_and_mirroring_instances_keep_both_sides_equal(r: redis.Redis) -
 
 
 def _publish(r: redis.Redis, retire_old: int, epoch: int) -> None:
-    control.publish(r, ControlRecord(
-        job="t-job", phase=Phase.CLEANING, ratio=100, epoch=epoch, source_key="big",
-        source_type="hash", template="big:{shard}", shards=SHARDS, hash="crc32", salt="s",
-        retire_old=retire_old))
+    control.publish(
+        r,
+        ControlRecord(
+            job="t-job",
+            phase=Phase.CLEANING,
+            ratio=100,
+            epoch=epoch,
+            source_key="big",
+            source_type="hash",
+            template="big:{shard}",
+            shards=SHARDS,
+            hash="crc32",
+            salt="s",
+            retire_old=retire_old,
+        ),
+    )
 
 
 def test_shim_mirrors_until_the_old_key_is_retired(r: redis.Redis) -> None:

@@ -25,8 +25,11 @@ def sentinel_port(redis_server: RedisServer, tmp_path: Path) -> Iterator[int]:
         f"port {port}\nbind 127.0.0.1\ndir {tmp_path}\n"
         f"sentinel monitor mymaster 127.0.0.1 {redis_server.port} 1\n"
     )
-    proc = subprocess.Popen([redis_server.binary.path, str(conf), "--sentinel"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [redis_server.binary.path, str(conf), "--sentinel"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         deadline = time.monotonic() + 10
         while True:
@@ -49,8 +52,9 @@ def test_parse_sentinel_url() -> None:
     assert (s.service, s.db, s.username, s.password) == ("svc", 3, "u", "p@ss")
 
 
-def test_apply_through_sentinel(sentinel_port: int, r: redis.Redis, tmp_path: Path,
-                                state_url: str) -> None:
+def test_apply_through_sentinel(
+    sentinel_port: int, r: redis.Redis, tmp_path: Path, state_url: str
+) -> None:
     model = seed_hash(r, "big:hash", 5000)
     url = f"redis+sentinel://127.0.0.1:{sentinel_port}/mymaster/0"
     plan = write_plan(tmp_path / "p.yaml", url)

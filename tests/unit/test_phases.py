@@ -7,8 +7,17 @@ from migrator.phases import BEFORE_CLEANING, TRANSITIONS, Phase, check_transitio
 
 P = Phase
 
-FORWARD = [P.PLANNED, P.DUAL_WRITE, P.COPYING, P.VERIFYING, P.VERIFIED, P.GRAY, P.CUTOVER,
-           P.CLEANING, P.DONE]
+FORWARD = [
+    P.PLANNED,
+    P.DUAL_WRITE,
+    P.COPYING,
+    P.VERIFYING,
+    P.VERIFIED,
+    P.GRAY,
+    P.CUTOVER,
+    P.CLEANING,
+    P.DONE,
+]
 
 
 def test_the_forward_path_is_legal() -> None:

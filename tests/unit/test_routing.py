@@ -28,6 +28,7 @@ def test_sticky_bucket_is_stable_and_salted() -> None:
     assert sticky_bucket("user:1", "salt-a") == sticky_bucket(b"user:1", "salt-a")
     buckets = {sticky_bucket(f"m{i}", "salt-a") for i in range(2000)}
     assert buckets == set(range(100))
-    moved = sum(sticky_bucket(f"m{i}", "salt-a") != sticky_bucket(f"m{i}", "salt-b")
-                for i in range(200))
+    moved = sum(
+        sticky_bucket(f"m{i}", "salt-a") != sticky_bucket(f"m{i}", "salt-b") for i in range(200)
+    )
     assert moved > 150
