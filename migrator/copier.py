@@ -6,19 +6,19 @@ write, so a concurrent dual write is never undone (the argument is in the script
 gathered in windows of up to 20 per shard, so that a script writes a shard several members at
 once with one HSET.
 
-**Small commands, streamed.** Each command is sized by the :class:`~migrator.throttle.BatchSizer`
-to a small slice of the server-time budget (:data:`SLICE` of ``copy.max_command_ms``: 40 µs by
-default), and the copier keeps :data:`DEPTH` of them in flight on its own connection: the
-next command is on its way while the server runs the current one, so the server does not wait
-for the runner, yet the commands are not one pipelined batch that the server would run back to
-back: the application's requests get in between them. A request therefore waits behind the
-copy for about two slices, not a whole batch (docs/benchmarks.md measures both).
+**Small commands, streamed.** Each command is sized by the batch sizer to a small slice of the
+server-time budget (``throttle.SLICE`` of ``copy.max_command_ms``: 40 µs by default), and the
+copier keeps :data:`DEPTH` of them in flight on its own connection: the next command is on its
+way while the server runs the current one, so the server does not wait for the runner, yet the
+commands are not one pipelined batch that the server would run back to back: the application's
+requests get in between them. A request therefore waits behind the copy for about two slices,
+not a whole batch (docs/benchmarks.md measures both).
 
-A :meth:`step` streams up to :data:`STEP_SCRIPTS` copy scripts (or for :data:`BURST_S`) and
-then waits for every command it sent, so that the loop around it (pacing, the rate ceiling,
-gates, checkpoints) sees an acknowledged state. The cursor a
-step returns is the end of the last window copied completely: what a checkpoint may hold.
-A script that runs past the budget stops between shards; the rest goes out again first.
+A :meth:`step` streams up to :data:`STEP_SCRIPTS` copy scripts (or for :data:`BURST_S`) and then
+waits for every command it sent, so that the loop around it (pacing, the rate ceiling, gates,
+checkpoints) sees an acknowledged state. The cursor a step returns is the end of the last window
+copied completely: what a checkpoint may hold. A script that runs past the budget stops between
+shards; the rest goes out again first.
 """
 
 from __future__ import annotations
@@ -41,11 +41,6 @@ COPY_SCRIPT = "hash_copy_members"
 #: Commands in flight at once. Two keep the server busy while the runner reads a reply and
 #: sends the next; more would only queue up behind each other, making the application wait.
 DEPTH = 2
-#: The share of the budget each copy command aims at: 40 µs of the default 1 ms. Measured on a
-#: shared 2-vCPU host (docs/benchmarks.md), this keeps the application's p99 within ~1.5x of
-#: idle; twice the slice copies ~1.6x faster and about doubles the p99. A larger
-#: ``copy.max_command_ms`` buys speed with the application's latency.
-SLICE = 0.04
 #: A step streams at most this many copy scripts, or for at most BURST_S, then waits for all
 #: of them and returns to the loop (pacing, gates, checkpoints); the wait costs about one round
 #: trip per step.

@@ -23,7 +23,7 @@ from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_e
 from migrator import control
 from migrator.cleaner import KeyRemover
 from migrator.control import ControlRecord
-from migrator.copier import SLICE, HashCopier
+from migrator.copier import HashCopier
 from migrator.errors import (
     BarrierTimeout,
     IllegalTransition,
@@ -37,7 +37,7 @@ from migrator.phases import BEFORE_CLEANING, RATIO_PHASES, Phase, phase_for_rati
 from migrator.redisio import Scripts, connect, supports_unlink
 from migrator.scanloop import Progress, Step, drive
 from migrator.store import Job, Store
-from migrator.throttle import BatchSizer, Controls, Gate, Pacer
+from migrator.throttle import SLICE, BatchSizer, Controls, Gate, Pacer
 from migrator.verifier import Found, HashVerifier
 
 T = TypeVar("T")
@@ -251,8 +251,8 @@ class Runner:
             )
         return Pacer(self.plan.copy_.rate, stop=self.stop, controls=controls, gates=self._gate_list)
 
-    def sizer(self) -> BatchSizer:
-        return BatchSizer(self.plan.copy_.batch, self.budget_us)
+    def sizer(self, aim: float = 0.3) -> BatchSizer:
+        return BatchSizer(self.plan.copy_.batch, self.budget_us, aim=aim)
 
     def _saver(
         self, stage: str, extra: Callable[[], dict[str, Any]] | None = None
@@ -333,7 +333,7 @@ class Runner:
             return cp.members_done
         total = cast(int, self.client.hlen(self.plan.source.key))
         self.job = self.store.update_job(self.name, total_members=total)
-        sizer = BatchSizer(self.plan.copy_.batch, self.budget_us, aim=SLICE)
+        sizer = self.sizer(aim=SLICE)
         copier = HashCopier(
             self.client,
             self.scripts,
@@ -399,7 +399,8 @@ class Runner:
         # Pass 0 is the source → shards direction; pass i+1 is shard i → source.
         total_passes = 1 + len(self.shard_keys)
         # The shard passes cost alike per member: one sizer carries over from shard to shard.
-        forward_sizer, backward_sizer = self.sizer(), self.sizer()
+        # Verify scans as long as the copy: its commands aim at the same small slice.
+        forward_sizer, backward_sizer = self.sizer(aim=SLICE), self.sizer(aim=SLICE)
         while state["pass"] < total_passes:
             p = state["pass"]
             step = verifier.forward(sink) if p == 0 else verifier.backward(p - 1, sink)

@@ -20,6 +20,11 @@ from dataclasses import dataclass
 
 from migrator.errors import Interrupted
 
+#: The share of the budget each command of a scan (copy, verify) aims at: 40 µs of the default
+#: 1 ms. Measured on a shared 2-vCPU host (docs/benchmarks.md), this keeps the application's
+#: p99 near idle; a larger ``copy.max_command_ms`` buys speed with the application's latency.
+SLICE = 0.04
+
 #: Server time per member a script cannot see itself spend (its arguments and reply are
 #: converted before it starts and after it ends): measured at 0.2-0.35 µs on Redis 7 and
 #: Valkey 9 for HMGET-sized work per member.

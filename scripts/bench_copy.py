@@ -23,11 +23,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from migrator.cli import lower_priority  # noqa: E402
-from migrator.copier import SLICE, HashCopier  # noqa: E402
+from migrator.copier import HashCopier  # noqa: E402
 from migrator.gates import default_gates  # noqa: E402
 from migrator.redisio import Scripts, connect  # noqa: E402
 from migrator.scanloop import Step, drive  # noqa: E402
-from migrator.throttle import BatchSizer, Pacer  # noqa: E402
+from migrator.throttle import SLICE, BatchSizer, Pacer  # noqa: E402
 
 
 class TimeUp(Exception):

@@ -8,7 +8,7 @@ apply`` in its own process, the recipe in its own process, a paced GET/HGET load
 1. copy rate of migrator's default copy vs the hand-written recipe (scripts/bench_recipe.py);
 2. the longest server-side duration of any command the runner sent (SLOWLOG, by client name);
 3. p99 of the concurrent load: idle, during migrator's copy, during the recipe's copy;
-4. verify rate;
+4. verify rate, and the load's p99 while it runs;
 5. the runner's peak RSS copying a 1M- and a 4M-member hash;
 6. shim overhead per hset/hget against plain redis-py, in each phase.
 
@@ -195,6 +195,7 @@ class Apply:
     copy_s: float
     verify_s: float
     copy_window: tuple[float, float]
+    verify_window: tuple[float, float]
     verify_detail: str = ""
     stderr: str = ""
 
@@ -240,6 +241,7 @@ def run_apply(plan: Path, state_url: str, name: str) -> Apply:
         copy_s=at["verifying"] - at["copying"],
         verify_s=at["verified"] - at["verifying"],
         copy_window=(at["copying"], at["verifying"]),
+        verify_window=(at["verifying"], at["verified"]),
         verify_detail=verify[-1] if verify else "",
         stderr=err,
     )
@@ -422,7 +424,9 @@ def render(r: dict[str, Any]) -> str:
         f"| 3 | p99 of the concurrent GET/HGET load, µs (idle: {idle}) | {mig} "
         f"(p50 {r['load']['migrator']['p50_us']}) | {rec} (p50 {r['load']['recipe']['p50_us']})"
         f" | **{ratio(mig, idle)}** / {ratio(rec, idle)} of idle |",
-        f"| 4 | verify rate, members/s (both directions) | {r['verify']['rate']:,.0f} | — | — |",
+        f"| 4 | verify rate, members/s (both directions); the load's p99 meanwhile | "
+        f"{r['verify']['rate']:,.0f}; p99 {r['load']['verify']['p99_us']} µs | — | "
+        f"{ratio(r['load']['verify']['p99_us'], idle)} of idle |",
         f"| 5 | runner peak RSS, {r['members']:,} / {r['big_members']:,} members | "
         f"{r['rss']['small']:.0f} MiB / "
         + (f"{big:.0f} MiB | — | {ratio(big, r['rss']['small'])} |" if big else "— | — | — |"),
@@ -556,7 +560,8 @@ METHOD = """\
   over the members copied meanwhile. The load sends only GET and HGET, so it is not counted.
 * **Verify rate** — members of the source per second of the `verifying` phase, which reads the
   source → shards direction and the shards → source direction once each, then re-checks
-  suspects.
+  suspects. Its commands aim at the same slice as the copy's; the load's p99 is taken over
+  the phase's window.
 * **Runner RSS** — the peak (`VmHWM` in `/proc/PID/status`, sampled every 0.1 s) of the
   `migrator plan apply` process over its copy and verify.
 * **Shim overhead** — the bench process attaches `ShardRouter` to a 10k-member job and drives
@@ -650,6 +655,7 @@ def main() -> int:
         result["load"] = {
             "idle": p99_in(samples, (t0, t1), (i0, i1)),
             "migrator": p99_in(samples, mig.copy_window),
+            "verify": p99_in(samples, mig.verify_window),
             "recipe": p99_in(samples, (r0, r1)),
         }
         result["verify"] = {"rate": args.members / mig.verify_s, "detail": mig.verify_detail}

@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import redis
 
-from migrator.copier import COPY_SCRIPT, DEPTH, SLICE, HashCopier
+from migrator.copier import COPY_SCRIPT, DEPTH, HashCopier
 from migrator.redisio import Scripts
 from migrator.scanloop import drive
-from migrator.throttle import BatchSizer, Pacer
+from migrator.throttle import SLICE, BatchSizer, Pacer
 from tests.integration.helpers import read_shards, seed_hash
 
 SHARDS = 50
