@@ -6,46 +6,29 @@ write, so a concurrent dual write is never undone (the argument is in the script
 gathered in windows of up to 20 per shard, so that a script writes a shard several members at
 once with one HSET.
 
-**Small commands, streamed.** Each command is sized by the batch sizer to a small slice of the
-server-time budget (``throttle.SLICE`` of ``copy.max_command_ms``: 40 µs by default), and the
-copier keeps :data:`DEPTH` of them in flight on its own connection: the next command is on its
-way while the server runs the current one, so the server does not wait for the runner, yet the
-commands are not one pipelined batch that the server would run back to back: the application's
-requests get in between them. A request therefore waits behind the copy for about two slices,
-not a whole batch (docs/benchmarks.md measures both).
-
-A :meth:`step` streams up to :data:`STEP_SCRIPTS` copy scripts (or for :data:`BURST_S`) and then
-waits for every command it sent, so that the loop around it (pacing, the rate ceiling, gates,
-checkpoints) sees an acknowledged state. The cursor a step returns is the end of the last window
-copied completely: what a checkpoint may hold. A script that runs past the budget stops between
+The copy is a :class:`~migrator.stream.CommandStream`: small commands (a slice of the budget
+each), two in flight, so the application's requests get in between them. A step streams a few
+dozen scripts and waits for them; the cursor it returns is the end of the last window copied
+completely: what a checkpoint may hold. A script that runs past the budget stops between
 shards; the rest goes out again first.
 """
 
 from __future__ import annotations
 
-import time
 import zlib
 from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import redis
-from redis.exceptions import NoScriptError
 
 from migrator.redisio.scripts import Scripts
 from migrator.routing import HASH_FUNCTIONS
 from migrator.scanloop import Step
+from migrator.stream import BURST_S, DEPTH, STEP_SCRIPTS, CommandStream, Sent
 from migrator.throttle import BatchSizer
 
 COPY_SCRIPT = "hash_copy_members"
-#: Commands in flight at once. Two keep the server busy while the runner reads a reply and
-#: sends the next; more would only queue up behind each other, making the application wait.
-DEPTH = 2
-#: A step streams at most this many copy scripts, or for at most BURST_S, then waits for all
-#: of them and returns to the loop (pacing, gates, checkpoints); the wait costs about one round
-#: trip per step.
-STEP_SCRIPTS = 32
-BURST_S = 0.02
 
 #: One shard's part of a script: (shard key, members routed to it).
 Group = tuple[str, list[bytes]]
@@ -55,7 +38,7 @@ def _cursor(raw: bytes | str | int) -> str:
     return raw.decode() if isinstance(raw, bytes) else str(raw)
 
 
-class HashCopier:
+class HashCopier(CommandStream):
     """Copies ``source_key`` into ``shard_keys`` one :meth:`step` at a time.
 
     ``sizer`` sizes each command (members per copy script; an HSCAN asks for twice that)
@@ -80,18 +63,20 @@ class HashCopier:
         burst_s: float = BURST_S,
         step_scripts: int = STEP_SCRIPTS,
     ) -> None:
-        self.client = client
-        self.scripts = scripts
+        super().__init__(
+            client,
+            scripts,
+            sizer=sizer,
+            depth=depth,
+            burst_s=burst_s,
+            step_scripts=step_scripts,
+        )
         self.source_key = source_key
         self.shard_keys = list(shard_keys)
         self.keys = [source_key, *shard_keys]
         self.budget_us = budget_us
         self.scan = max(1, scan)
         self.window = window or max(self.scan, min(20 * len(self.shard_keys), 20_000))
-        self.sizer = sizer
-        self.depth = max(1, depth)
-        self.burst_s = burst_s
-        self.step_scripts = max(1, step_scripts)
         # zlib.crc32 straight (already unsigned) spares a Python call per member.
         self._hash: Callable[[bytes], int] = (
             zlib.crc32 if hash_name == "crc32" else HASH_FUNCTIONS[hash_name]
@@ -104,18 +89,14 @@ class HashCopier:
         self._pending: deque[Group] = deque()  # the window being flushed, not yet sent
         self._pending_end = "0"  # the cursor its last HSCAN returned
         self._open = False  # a window is being flushed (some of it may be in flight)
-        self._finished = False
-        # Sent, reply not read yet: ("scan", None) or ("copy", groups).
-        self._inflight: deque[tuple[str, list[Group] | None]] = deque()
+        self._done = False
         self.leftover_batches = 0
-        self.worst_us = 0.0
-        self.most_inflight = 0  # the most commands ever in flight at once (at most ``depth``)
 
     # -- the window ----------------------------------------------------------------------------
     def _reset(self, cursor: str) -> None:
         """Start over from a checkpoint (a fresh copy, or a resume)."""
         self._safe, self._scan_cursor, self._scan_done = cursor, cursor, False
-        self._filling, self._pending, self._open, self._finished = [], deque(), False, False
+        self._filling, self._pending, self._open, self._done = [], deque(), False, False
 
     def _close_window(self) -> None:
         """The members scanned so far become the window to flush, routed to their shards."""
@@ -131,7 +112,7 @@ class HashCopier:
     def _window_flushed(self) -> None:
         self._open = False
         self._safe = self._pending_end
-        self._finished = self._pending_end == "0"
+        self._done = self._pending_end == "0"
 
     def _take(self, count: int) -> list[Group]:
         """Up to ``count`` members of the window, whole shards where they fit."""
@@ -149,18 +130,14 @@ class HashCopier:
                 size += len(members)
         return script
 
-    # -- commands ------------------------------------------------------------------------------
-    def _count(self, count: int) -> int:
-        return self.sizer.batch if self.sizer else count
-
+    # -- the stream's hooks --------------------------------------------------------------------
     def _scanning(self) -> bool:
         return any(kind == "scan" for kind, _ in self._inflight)
 
     def _copying(self) -> bool:
-        return any(kind == "copy" for kind, _ in self._inflight)
+        return any(kind == "script" for kind, _ in self._inflight)
 
-    def _next_command(self, count: int) -> tuple[list[Any], tuple[str, list[Group] | None]] | None:
-        """The next command to send, or None when there is nothing to send before a reply."""
+    def _next_command(self, count: int, more: bool) -> tuple[list[Any], Sent] | None:
         if self._pending:
             script = self._take(count)
             keys: list[Any] = [self.source_key]
@@ -171,9 +148,15 @@ class HashCopier:
                 args.append(len(part))
                 members += part
             sha = self.scripts.script(COPY_SCRIPT).sha
-            return ["EVALSHA", sha, len(keys), *keys, *args, *members], ("copy", script)
+            return ["EVALSHA", sha, len(keys), *keys, *args, *members], ("script", script)
         if self._open and not self._copying():
             self._window_flushed()  # every script of the window acknowledged
+        if not self._open and self._scan_done and not self._filling:
+            # The last HSCAN found nothing more: all that was scanned is copied.
+            self._safe, self._done = self._scan_cursor, True
+            return None
+        if not more and self._safe != "0":
+            return None  # past the step's limits: no new window, no scan for one
         if (
             not self._open
             and self._filling
@@ -181,7 +164,7 @@ class HashCopier:
         ):
             # A scan in flight belongs to the next window: this one ends where it started.
             self._close_window()
-            return self._next_command(count)
+            return self._next_command(count, more)
         if self._scan_done or self._scanning() or len(self._filling) >= self.window:
             return None
         if self._novalues is None:
@@ -202,9 +185,8 @@ class HashCopier:
             return False
         return True if reply[1] else None
 
-    def _received(self, what: tuple[str, list[Group] | None], reply: Any) -> tuple[int, float, int]:
-        """Account for one reply: (members copied, script's server time, members it carried)."""
-        kind, script = what
+    def _received(self, sent: Sent, reply: Any) -> tuple[int, float, int]:
+        kind, script = sent
         if kind == "scan":
             nxt, found = reply
             # NOVALUES: members only; otherwise member, value, member, value...
@@ -212,90 +194,43 @@ class HashCopier:
             self._scan_cursor = _cursor(nxt)
             self._scan_done = self._scan_cursor == "0"
             return 0, 0.0, 0
-        assert script is not None
         done, elapsed = int(reply[0]), float(reply[1])
-        carried = sum(len(p) for _k, p in script)
-        if self.sizer:
-            self.sizer.observe(elapsed, carried)
         if done < len(script):
             # Past the budget between two shards: the rest goes first in the next script.
             self.leftover_batches += 1
             self._pending.extendleft(reversed(script[done:]))
-        return sum(len(p) for _k, p in script[:done]), elapsed, carried
+        return sum(len(p) for _k, p in script[:done]), elapsed, sum(len(p) for _k, p in script)
 
-    def _requeue(self) -> None:
-        """Commands whose replies were lost are sent again: nothing in flight was acknowledged."""
-        for kind, script in reversed(self._inflight):
-            if kind == "copy" and script:
-                self._pending.extendleft(reversed(script))
-        self._inflight.clear()
+    def _lost(self, sent: Sent) -> None:
+        kind, script = sent
+        if kind == "script":
+            self._pending.extendleft(reversed(script))
+        # A lost HSCAN left the cursor where it was: it is sent again.
 
-    # -- the step ------------------------------------------------------------------------------
+    def _must_go_on(self) -> bool:
+        # A step ends where a window is flushed, so that its cursor and its count agree (a
+        # resume copies nothing again that was counted); a fresh copy's first step goes on
+        # until its first window is flushed, since "0" would mean the copy is finished.
+        return self._safe == "0" or self._open
+
+    def _finished(self) -> bool:
+        return self._done
+
+    def _settled(self) -> None:
+        if self._open and not self._pending:
+            self._window_flushed()
+
     def step(self, cursor: str, count: int) -> Step:
-        """Stream up to ``step_scripts`` copy scripts (for at most ``burst_s``, but at least
-        one); return once every command sent is acknowledged.
+        """Stream up to ``step_scripts`` copy scripts; return once all are acknowledged.
 
         ``cursor`` is the checkpoint the previous step returned (or the one to resume from).
-        A fresh copy's first step goes on until its first window is flushed, since "0" as a
-        checkpoint would mean the copy is finished. Idempotent: re-running a step after a
-        connection error copies the same members again from their current source values.
+        Idempotent: re-running a step after a connection error copies the same members again
+        from their current source values.
         """
         if cursor != self._safe:
             self._reset(cursor)
-        for attempt in (1, 2):
-            try:
-                return self._stream(count)
-            except NoScriptError:
-                # The server lost its script cache (restart, failover): load and go on.
-                if attempt == 2:
-                    raise
-                self.scripts.load(COPY_SCRIPT)
-        raise AssertionError("unreachable")
-
-    def _stream(self, count: int) -> Step:
-        pool = self.client.connection_pool
-        conn = pool.get_connection()
-        copied, worst, worst_members, scripts = 0, 0.0, 0, 0
-        ends = time.monotonic() + self.burst_s
-        try:
-            while True:
-                # Every step sends at least one copy script, and a fresh copy's first step goes
-                # on until a window is flushed (see step()).
-                if not self._finished and (
-                    not scripts
-                    or self._safe == "0"
-                    or (scripts < self.step_scripts and time.monotonic() < ends)
-                ):
-                    while len(self._inflight) < self.depth:
-                        nxt = self._next_command(self._count(count))
-                        if nxt is None:
-                            break
-                        cmd, what = nxt
-                        conn.send_packed_command(conn.pack_command(*cmd), check_health=False)
-                        self._inflight.append(what)
-                        scripts += what[0] == "copy"
-                        self.most_inflight = max(self.most_inflight, len(self._inflight))
-                if not self._inflight:
-                    break  # all acknowledged, and the burst is over or the copy is done
-                reply = conn.read_response()
-                n, elapsed, members = self._received(self._inflight.popleft(), reply)
-                copied += n
-                if elapsed >= worst:
-                    worst, worst_members = elapsed, members
-        except BaseException:
-            # Not acknowledged: sent again next time. The connection may hold replies of
-            # commands we no longer wait for, so it is closed rather than reused.
-            self._requeue()
-            conn.disconnect()
-            raise
-        finally:
-            pool.release(conn)
-        if self._open and not self._pending and not self._inflight:
-            self._window_flushed()
-        self.worst_us = max(self.worst_us, worst)
-        return Step(
-            self._safe or "0", copied, worst, worst_members, observed=self.sizer is not None
-        )
+        copied, worst, members = self._stream_with_reload(count, COPY_SCRIPT)
+        return Step(self._safe or "0", copied, worst, members, observed=self.sizer is not None)
 
     def sync(self, members: Sequence[bytes], *, chunk: int = 100, found: int = -1) -> float:
         """Make ``members`` in the shards equal to the source; return the largest server time."""

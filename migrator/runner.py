@@ -403,14 +403,17 @@ class Runner:
         forward_sizer, backward_sizer = self.sizer(aim=SLICE), self.sizer(aim=SLICE)
         while state["pass"] < total_passes:
             p = state["pass"]
-            step = verifier.forward(sink) if p == 0 else verifier.backward(p - 1, sink)
+            sizer = forward_sizer if p == 0 else backward_sizer
+            step = (
+                verifier.forward(sink, sizer) if p == 0 else verifier.backward(p - 1, sink, sizer)
+            )
             done = drive(
                 _retry_batch(step),
                 stage="verify",
                 cursor=cursor,
                 done=done,
                 total=self.job.total_members,
-                sizer=forward_sizer if p == 0 else backward_sizer,
+                sizer=sizer,
                 pacer=self.pacer(),
                 save=save,
                 report=self._report("verify"),

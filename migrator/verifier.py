@@ -1,28 +1,32 @@
 """Streamed verification of a Hash migration, both directions, never loading a whole key.
 
 Forward: each source member against its shard (``hash_verify_members.lua``); backward: each
-shard member against its routing and the source (``hash_missing_members.lua``). The runner
-scans (HSCAN) and routes members itself (``routing.py``), so the scripts only read; a step is
-one round trip carrying the script that checks what the previous HSCAN returned and the HSCAN
-of the next step. Each script is read-only and atomic, and reports its own server time for the
-budget. Later rounds re-check only the suspects (``hash_check.lua``), so in-flight writes drop
-out (RedisFullCheck's method).
+shard member against its routing and the source (``hash_missing_members.lua``). The runner scans
+(HSCAN) and routes members itself (``routing.py``), so the scripts only read. A pass is a
+:class:`~migrator.stream.CommandStream`, like the copy: small commands, two in flight, the next
+HSCAN riding behind the checks of what the previous one found. Each script is read-only and
+atomic, and reports its own server time for the budget. Later rounds re-check only the suspects
+(``hash_check.lua``), so in-flight writes drop out (RedisFullCheck's method).
 """
 
 from __future__ import annotations
 
 import zlib
+from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import redis
-from redis.exceptions import NoScriptError
 
 from migrator.redisio.scripts import Scripts
 from migrator.routing import HASH_FUNCTIONS
 from migrator.scanloop import Step
+from migrator.stream import CommandStream, Sent
+from migrator.throttle import BatchSizer
 
 Found = tuple[bytes, str, int]  # (member, kind, shard)
+#: Turns a check script's reply into (its server time, the differences it found).
+Finish = Callable[[Any], tuple[float, list[Found]]]
 
 
 def _triples(flat: Sequence[bytes | str | int]) -> list[Found]:
@@ -84,63 +88,26 @@ class HashVerifier:
     def _walk(
         self,
         key: str,
-        check: Callable[[Any, list[bytes]], Callable[[Any], list[Found]] | None],
+        script: str,
+        check: Callable[[list[bytes]], tuple[list[Any], Finish]],
         sink: Callable[[list[Found]], None],
+        sizer: BatchSizer | None,
     ) -> Callable[[str, int], Step]:
-        """A scan of ``key`` whose next HSCAN rides in the round trip of the current check.
+        """A pass over ``key``: its HSCAN streamed with the scripts checking what it found.
 
-        ``check(pipe, members)`` queues one script checking what an HSCAN found (or nothing)
-        and returns the function turning its reply into differences."""
-        novalues = self._supports_novalues(key)
-        prefetched: dict[str, tuple[str, list[bytes]]] = {}
+        ``check(members)`` builds one script command for members the scan found and returns
+        it with the function that turns its reply into (server time, differences)."""
+        return _Walk(self, key, script, check, sink, sizer).step
 
-        def scan(pipe: Any, cursor: str, count: int) -> None:
-            if novalues:
-                pipe.hscan(key, int(cursor), count=count, no_values=True)
-            else:
-                pipe.hscan(key, int(cursor), count=count)
-
-        def step(cursor: str, count: int) -> Step:
-            got = prefetched.pop(cursor, None)
-            if got is None:
-                pipe = self.client.pipeline(transaction=False)
-                scan(pipe, cursor, count)
-                nxt, found = pipe.execute()[0]
-                got = (_cursor(nxt), list(found))
-            next_cursor, members = got
-            for attempt in (1, 2):
-                pipe = self.client.pipeline(transaction=False)
-                finish = check(pipe, members)
-                if next_cursor != "0":
-                    scan(pipe, next_cursor, count)
-                try:
-                    replies = pipe.execute() if len(pipe) else []
-                    break
-                except NoScriptError:  # the server lost its script cache: load, re-run
-                    if attempt == 2:
-                        raise
-                    self.scripts.load_all()
-            if next_cursor != "0":
-                nxt, more = replies.pop()
-                prefetched[next_cursor] = (_cursor(nxt), list(more))
-            elapsed = 0.0
-            if finish is not None:
-                elapsed = float(replies[0][0])
-                diffs = finish(replies[0][1])
-                if diffs:
-                    sink(diffs)
-            return Step(next_cursor, len(members), elapsed)
-
-        return step
-
-    def forward(self, sink: Callable[[list[Found]], None]) -> Callable[[str, int], Step]:
+    def forward(
+        self, sink: Callable[[list[Found]], None], sizer: BatchSizer | None = None
+    ) -> Callable[[str, int], Step]:
         """Source → shards: each member in its shard, with the source's value."""
         n, h, keys = len(self.shard_keys), self._hash, self.shard_keys
-        script = self.scripts.script("hash_verify_members")
+        name = "hash_verify_members"
+        script = self.scripts.script(name)
 
-        def check(pipe: Any, members: list[bytes]) -> Callable[[Any], list[Found]] | None:
-            if not members:
-                return None
+        def check(members: list[bytes]) -> tuple[list[Any], Finish]:
             by_shard: dict[int, list[bytes]] = {}
             for m in members:
                 by_shard.setdefault(h(m) % n, []).append(m)
@@ -148,39 +115,39 @@ class HashVerifier:
             args: list[Any] = [len(by_shard[s]) for s in shards]
             for s in shards:
                 args += by_shard[s]
-            pipe.evalsha(
-                script.sha, 1 + len(shards), self.source_key, *[keys[s] for s in shards], *args
-            )
+            cmd = ["EVALSHA", script.sha, 1 + len(shards), self.source_key]
+            cmd += [keys[s] for s in shards] + args
 
-            def finish(flat: Any) -> list[Found]:
-                return [(m, k, shards[g - 1]) for m, k, g in _triples(flat)]
+            def finish(reply: Any) -> tuple[float, list[Found]]:
+                found = [(m, k, shards[g - 1]) for m, k, g in _triples(reply[1])]
+                return float(reply[0]), found
 
-            return finish
+            return cmd, finish
 
-        return self._walk(self.source_key, check, sink)
+        return self._walk(self.source_key, name, check, sink, sizer)
 
     def backward(
-        self, index: int, sink: Callable[[list[Found]], None]
+        self, index: int, sink: Callable[[list[Found]], None], sizer: BatchSizer | None = None
     ) -> Callable[[str, int], Step]:
         """Shard ``index`` → source: each member routes here and exists in the source (values
         of members in both are the forward pass's business: one difference is stored once)."""
         n, h = len(self.shard_keys), self._hash
-        script = self.scripts.script("hash_missing_members")
+        name = "hash_missing_members"
+        script = self.scripts.script(name)
 
-        def check(pipe: Any, members: list[bytes]) -> Callable[[Any], list[Found]] | None:
+        def check(members: list[bytes]) -> tuple[list[Any], Finish]:
             misrouted = [m for m in members if h(m) % n != index]
             routed = [m for m in members if h(m) % n == index]
-            if not members:
-                return None
             # The script runs even with nothing routed here, to report the step's server time.
-            pipe.evalsha(script.sha, 1, self.source_key, *routed)
+            cmd = ["EVALSHA", script.sha, 1, self.source_key, *routed]
 
-            def finish(missing: Any) -> list[Found]:
-                return [(m, "extra_in_shard", index) for m in [*misrouted, *missing]]
+            def finish(reply: Any) -> tuple[float, list[Found]]:
+                missing = [*misrouted, *reply[1]]
+                return float(reply[0]), [(m, "extra_in_shard", index) for m in missing]
 
-            return finish
+            return cmd, finish
 
-        return self._walk(self.shard_keys[index], check, sink)
+        return self._walk(self.shard_keys[index], name, check, sink, sizer)
 
     def recheck(
         self, members: Sequence[tuple[bytes, int]], chunk: int = 200
@@ -198,3 +165,103 @@ class HashVerifier:
             worst = max(worst, float(elapsed))
             still += _triples(diffs)
         return still, worst
+
+
+class _Walk(CommandStream):
+    """One verify pass over one key, streamed (``stream.py``): an HSCAN at a time, and the
+    check scripts of what earlier ones found. The cursor a step returns is the end of the last
+    scan whose members were all checked: what a checkpoint may hold."""
+
+    def __init__(
+        self,
+        verifier: HashVerifier,
+        key: str,
+        script: str,
+        check: Callable[[list[bytes]], tuple[list[Any], Finish]],
+        sink: Callable[[list[Found]], None],
+        sizer: BatchSizer | None,
+    ) -> None:
+        super().__init__(verifier.client, verifier.scripts, sizer=sizer)
+        self.key = key
+        self.script = script
+        self.check = check
+        self.sink = sink
+        self.novalues = verifier._supports_novalues(key)
+        self._safe: str | None = None
+        self._cursor = "0"
+        self._scan_done = False
+        # Members scanned, not yet sent to a check: [members, the cursor after them or None].
+        self._queue: deque[list[Any]] = deque()
+
+    def _reset(self, cursor: str) -> None:
+        self._safe = self._cursor = cursor
+        self._scan_done = False
+        self._queue.clear()
+
+    def _next_command(self, count: int, more: bool) -> tuple[list[Any], Sent] | None:
+        if self._queue:
+            members, end = self._queue.popleft()
+            script, finish = self.check(members)
+            return script, ("script", [members, end, finish])
+        if not more and self._safe != "0":
+            return None  # past the step's limits: no new scan
+        if self._scan_done or any(kind == "scan" for kind, _ in self._inflight):
+            return None
+        cmd: list[Any] = ["HSCAN", self.key, self._cursor, "COUNT", max(1, 2 * count)]
+        if self.novalues:
+            cmd.append("NOVALUES")
+        return cmd, ("scan", count)
+
+    def _received(self, sent: Sent, reply: Any) -> tuple[int, float, int]:
+        kind, payload = sent
+        if kind == "scan":
+            nxt, found = reply
+            members = list(found) if self.novalues else list(found[0::2])
+            self._cursor = _cursor(nxt)
+            self._scan_done = self._cursor == "0"
+            size = max(1, payload)
+            chunks = [members[i : i + size] for i in range(0, len(members), size)]
+            for chunk in chunks:
+                self._queue.append([chunk, None])
+            self._ends_at(self._cursor)
+            return 0, 0.0, 0
+        members, end, finish = payload
+        elapsed, diffs = finish(reply)
+        if diffs:
+            self.sink(diffs)
+        if end is not None:
+            self._safe = end
+        return len(members), elapsed, len(members)
+
+    def _ends_at(self, cursor: str) -> None:
+        """Everything scanned so far is checked once the last of it is: that member list (or
+        the last check in flight) carries the cursor; with nothing left at all, it is safe now."""
+        if self._queue:
+            self._queue[-1][1] = cursor
+            return
+        scripts = [payload for kind, payload in self._inflight if kind == "script"]
+        if scripts:
+            scripts[-1][1] = cursor
+        else:
+            self._safe = cursor
+
+    def _lost(self, sent: Sent) -> None:
+        kind, payload = sent
+        if kind == "script":
+            self._queue.appendleft(payload[:2])
+        # A lost HSCAN left the cursor where it was: it is sent again.
+
+    def _must_go_on(self) -> bool:
+        # A step ends where a scan's members are all checked, so that its cursor and its count
+        # agree (a resume re-checks nothing it counted); a fresh pass's first step goes on until
+        # such a checkpoint, since "0" would mean the pass is done.
+        return self._safe == "0" or bool(self._queue)
+
+    def _finished(self) -> bool:
+        return self._scan_done and not self._queue
+
+    def step(self, cursor: str, count: int) -> Step:
+        if cursor != self._safe:
+            self._reset(cursor)
+        checked, worst, members = self._stream_with_reload(count, self.script)
+        return Step(self._safe or "0", checked, worst, members, observed=self.sizer is not None)

@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import redis
 
-from migrator.copier import COPY_SCRIPT, DEPTH, HashCopier
+from migrator.copier import COPY_SCRIPT, HashCopier
 from migrator.redisio import Scripts
 from migrator.scanloop import drive
+from migrator.stream import DEPTH
 from migrator.throttle import SLICE, BatchSizer, Pacer
 from tests.integration.helpers import read_shards, seed_hash
 
@@ -94,14 +95,29 @@ def test_resuming_from_any_checkpoint_loses_nothing(r: redis.Redis) -> None:
     copies from it, is the whole source, whichever step the first copier stopped after."""
     model = seed_hash(r, "src", 6_000)
     for stop_after in (1, 2, 5, 9):
+        # Steps end where windows do: small windows and short steps make many checkpoints.
         first = HashCopier(
-            r, Scripts(r), "src", [f"a:{i}" for i in range(SHARDS)], 1000.0, burst_s=0.0
+            r,
+            Scripts(r),
+            "src",
+            [f"a:{i}" for i in range(SHARDS)],
+            1000.0,
+            window=250,
+            step_scripts=1,
         )
         cursor = "0"
         for _ in range(stop_after):
             cursor = first.step(cursor, 150).cursor
         assert cursor != "0"
-        second = HashCopier(r, Scripts(r), "src", [f"b:{i}" for i in range(SHARDS)], 1000.0)
+        second = HashCopier(
+            r,
+            Scripts(r),
+            "src",
+            [f"b:{i}" for i in range(SHARDS)],
+            1000.0,
+            window=250,
+            step_scripts=1,
+        )
         while cursor != "0":
             cursor = second.step(cursor, 150).cursor
         copied = {**read_shards(r, "a:{shard}", SHARDS), **read_shards(r, "b:{shard}", SHARDS)}
@@ -155,3 +171,20 @@ def test_a_copy_that_loses_its_scripts_mid_stream_reloads_them_and_loses_nothing
             flushes += 1
         cursor = copier.step(cursor, 100).cursor
     assert read_shards(r, "dst:{shard}", SHARDS) == model
+
+
+def test_a_copy_whose_last_scan_finds_nothing_still_finishes(r: redis.Redis) -> None:
+    seed_hash(r, "src", 2_000)
+    batches: list[tuple[int, list[bytes]]] = []
+    cursor = 0
+    while True:
+        cursor, found = r.hscan("src", cursor, count=500)
+        batches.append((cursor, list(found)))
+        if cursor == 0:
+            break
+    # Empty the tail: an HSCAN from the last cursor but one now finds nothing, and ends.
+    if batches[-1][1]:
+        r.hdel("src", *batches[-1][1])
+    copier = HashCopier(r, Scripts(r), "src", _shard_keys(), 1000.0, scan=500)
+    step = copier.step(str(batches[-2][0]), 250)  # HSCAN COUNT 500, as above
+    assert (step.cursor, step.members) == ("0", 0)

@@ -1,0 +1,148 @@
+"""A budgeted scan run as a stream of small commands: the engine under the copy and verify.
+
+The server runs one command at a time, so what an application request waits for behind the
+runner is the command running when it arrives and, at most, the ones queued behind it. A
+:class:`CommandStream` therefore sends small commands (each sized by the batch sizer to
+``throttle.SLICE`` of the budget) and keeps :data:`DEPTH` of them in flight on its own
+connection: the next one is on its way while the server runs the current one, so the server
+does not wait for the runner, yet they are not one pipelined batch that the server would run
+back to back, and the application's requests get in between them (docs/decisions.md).
+
+A step streams up to ``step_scripts`` scripts (for at most ``burst_s``, but at least one),
+finishes what it began (up to a checkpoint) and reads every reply, so the loop around it
+(``scanloop.drive``: pacing, the rate ceiling, gates, checkpoints) always sees an acknowledged
+state. Subclasses say what to send next and what a reply means; on any error the connection is
+dropped and whatever was in flight is handed back to the subclass to send again (every command
+of a scan is idempotent).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from typing import Any
+
+import redis
+from redis.exceptions import NoScriptError
+
+from migrator.redisio.scripts import Scripts
+from migrator.throttle import BatchSizer
+
+#: Commands in flight at once. Two keep the server busy while the runner reads a reply and
+#: sends the next; more would queue up at the server, and the application would wait for them.
+DEPTH = 2
+#: A step streams at most this many scripts, or for at most BURST_S, then waits for all of
+#: them; the wait costs about one round trip per step.
+STEP_SCRIPTS = 32
+BURST_S = 0.02
+
+#: What was sent, as the subclass tagged it: ("scan", payload) or ("script", payload).
+Sent = tuple[str, Any]
+
+
+class CommandStream:
+    """The streaming loop; subclasses implement the hooks below."""
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        scripts: Scripts,
+        *,
+        sizer: BatchSizer | None = None,
+        depth: int = DEPTH,
+        burst_s: float = BURST_S,
+        step_scripts: int = STEP_SCRIPTS,
+    ) -> None:
+        self.client = client
+        self.scripts = scripts
+        self.sizer = sizer
+        self.depth = max(1, depth)
+        self.burst_s = burst_s
+        self.step_scripts = max(1, step_scripts)
+        self._inflight: deque[Sent] = deque()
+        self.most_inflight = 0  # the most commands ever in flight at once (at most ``depth``)
+        self.worst_us = 0.0
+
+    # -- hooks ---------------------------------------------------------------------------------
+    def _next_command(self, count: int, more: bool) -> tuple[list[Any], Sent] | None:
+        """The next command and its tag, or None when nothing can be sent before a reply.
+        ``more``: the step is within its limits; past them, only finish what was begun."""
+        raise NotImplementedError
+
+    def _received(self, sent: Sent, reply: Any) -> tuple[int, float, int]:
+        """Account for a reply: (members done, the script's own server time, members it
+        carried); (0, 0.0, 0) for a scan."""
+        raise NotImplementedError
+
+    def _lost(self, sent: Sent) -> None:
+        """A command's reply was lost: make sure it is sent again."""
+        raise NotImplementedError
+
+    def _must_go_on(self) -> bool:
+        """Whether the step must stream past its limits: until a checkpoint whose count agrees
+        with its cursor (a resume then redoes nothing that was counted)."""
+        return False
+
+    def _finished(self) -> bool:
+        return False
+
+    def _settled(self) -> None:
+        """Called once a step's commands are all acknowledged."""
+
+    # -- the loop ------------------------------------------------------------------------------
+    def _count(self, count: int) -> int:
+        return self.sizer.batch if self.sizer else count
+
+    def _stream_with_reload(self, count: int, script: str) -> tuple[int, float, int]:
+        for attempt in (1, 2):
+            try:
+                return self._stream(count)
+            except NoScriptError:
+                # The server lost its script cache (restart, failover): load and go on.
+                if attempt == 2:
+                    raise
+                self.scripts.load(script)
+        raise AssertionError("unreachable")
+
+    def _stream(self, count: int) -> tuple[int, float, int]:
+        """One step: (members done, the longest script's server time, its members)."""
+        pool = self.client.connection_pool
+        conn = pool.get_connection()
+        done, worst, worst_members, scripts = 0, 0.0, 0, 0
+        ends = time.monotonic() + self.burst_s
+        try:
+            while True:
+                more = not scripts or (scripts < self.step_scripts and time.monotonic() < ends)
+                if not self._finished() and (more or self._must_go_on()):
+                    while len(self._inflight) < self.depth:
+                        nxt = self._next_command(self._count(count), more)
+                        if nxt is None:
+                            break
+                        cmd, sent = nxt
+                        conn.send_packed_command(conn.pack_command(*cmd), check_health=False)
+                        self._inflight.append(sent)
+                        scripts += sent[0] == "script"
+                        self.most_inflight = max(self.most_inflight, len(self._inflight))
+                if not self._inflight:
+                    break  # all acknowledged, and the step is over or the scan is done
+                reply = conn.read_response()
+                n, elapsed, members = self._received(self._inflight[0], reply)
+                self._inflight.popleft()
+                done += n
+                if self.sizer and members:
+                    self.sizer.observe(elapsed, members)
+                if elapsed >= worst:
+                    worst, worst_members = elapsed, members
+        except BaseException:
+            # Not acknowledged: sent again next time. The connection may hold replies of
+            # commands no longer waited for, so it is closed rather than reused.
+            for sent in reversed(self._inflight):
+                self._lost(sent)
+            self._inflight.clear()
+            conn.disconnect()
+            raise
+        finally:
+            pool.release(conn)
+        self._settled()
+        self.worst_us = max(self.worst_us, worst)
+        return done, worst, worst_members
