@@ -586,7 +586,7 @@ def main() -> int:
     ap.add_argument("--idle-seconds", type=float, default=6.0)
     ap.add_argument("--shim-calls", type=int, default=3000, help="0 skips item 6")
     ap.add_argument(
-        "--sweep-seconds", type=float, default=5.0, help="per tradeoff point; 0 skips the sweep"
+        "--sweep-seconds", type=float, default=8.0, help="per tradeoff point; 0 skips the sweep"
     )
     args = ap.parse_args()
 
