@@ -477,7 +477,8 @@ def render(r: dict[str, Any]) -> str:
             "",
             "The runner's copy loop (`scripts/bench_copy.py`: the same copier, batch sizer,",
             "pacer and gates as `migrator plan apply`) for a few seconds at other budgets",
-            "(`copy.max_command_ms`) and rate ceilings (`copy.rate`), under the same load:",
+            "(`copy.max_command_ms`), rate ceilings (`copy.rate`) and CPU priorities",
+            "(`$MIGRATOR_NICE`), under the same load:",
             "",
             "| budget | rate ceiling | runner niceness | members/s | server µs / member |"
             " longest script (own clock) | load p50 µs | load p99 µs | p99 / idle |",
