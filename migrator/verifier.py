@@ -85,20 +85,6 @@ class HashVerifier:
                     return False
         return self._novalues
 
-    def _walk(
-        self,
-        key: str,
-        script: str,
-        check: Callable[[list[bytes]], tuple[list[Any], Finish]],
-        sink: Callable[[list[Found]], None],
-        sizer: BatchSizer | None,
-    ) -> Callable[[str, int], Step]:
-        """A pass over ``key``: its HSCAN streamed with the scripts checking what it found.
-
-        ``check(members)`` builds one script command for members the scan found and returns
-        it with the function that turns its reply into (server time, differences)."""
-        return _Walk(self, key, script, check, sink, sizer).step
-
     def forward(
         self, sink: Callable[[list[Found]], None], sizer: BatchSizer | None = None
     ) -> Callable[[str, int], Step]:
@@ -124,7 +110,7 @@ class HashVerifier:
 
             return cmd, finish
 
-        return self._walk(self.source_key, name, check, sink, sizer)
+        return _Walk(self, self.source_key, name, check, sink, sizer).step
 
     def backward(
         self, index: int, sink: Callable[[list[Found]], None], sizer: BatchSizer | None = None
@@ -147,7 +133,7 @@ class HashVerifier:
 
             return cmd, finish
 
-        return self._walk(self.shard_keys[index], name, check, sink, sizer)
+        return _Walk(self, self.shard_keys[index], name, check, sink, sizer).step
 
     def recheck(
         self, members: Sequence[tuple[bytes, int]], chunk: int = 200
@@ -168,9 +154,11 @@ class HashVerifier:
 
 
 class _Walk(CommandStream):
-    """One verify pass over one key, streamed (``stream.py``): an HSCAN at a time, and the
-    check scripts of what earlier ones found. The cursor a step returns is the end of the last
-    scan whose members were all checked: what a checkpoint may hold."""
+    """One verify pass over one key, streamed (``stream.py``): an HSCAN at a time, and the check
+    scripts of what earlier ones found. ``check(members)`` builds one script command for members
+    a scan found, with the function turning its reply into (server time, differences). The
+    cursor a step returns is the end of the last scan whose members were all checked: what a
+    checkpoint may hold."""
 
     def __init__(
         self,

@@ -99,30 +99,19 @@ def test_resuming_from_any_checkpoint_loses_nothing(r: redis.Redis) -> None:
     """A step's cursor is a checkpoint: what a copier copied before it, plus what a new copier
     copies from it, is the whole source, whichever step the first copier stopped after."""
     model = seed_hash(r, "src", 6_000)
-    for stop_after in (1, 2, 5, 9):
+
+    def copier_into(prefix: str) -> HashCopier:
         # Steps end where windows do: small windows and short steps make many checkpoints.
-        first = HashCopier(
-            r,
-            Scripts(r),
-            "src",
-            [f"a:{i}" for i in range(SHARDS)],
-            1000.0,
-            window=250,
-            step_scripts=1,
-        )
+        keys = [f"{prefix}:{i}" for i in range(SHARDS)]
+        return HashCopier(r, Scripts(r), "src", keys, 1000.0, window=250, step_scripts=1)
+
+    for stop_after in (1, 2, 5, 9):
+        first = copier_into("a")
         cursor = "0"
         for _ in range(stop_after):
             cursor = first.step(cursor, 150).cursor
         assert cursor != "0"
-        second = HashCopier(
-            r,
-            Scripts(r),
-            "src",
-            [f"b:{i}" for i in range(SHARDS)],
-            1000.0,
-            window=250,
-            step_scripts=1,
-        )
+        second = copier_into("b")
         while cursor != "0":
             cursor = second.step(cursor, 150).cursor
         copied = {**read_shards(r, "a:{shard}", SHARDS), **read_shards(r, "b:{shard}", SHARDS)}
