@@ -19,8 +19,10 @@ from typing import Any
 import click
 
 from migrator import commands
-from migrator.errors import InputError, MigratorError
+from migrator.env import int_from_env
+from migrator.errors import MigratorError
 from migrator.scanloop import Progress
+from migrator.stream import spin_seconds
 
 STATE_HELP = "state store URL (default: $MIGRATOR_STATE_URL, else sqlite:///.migrator/state.db)"
 
@@ -44,13 +46,7 @@ def lower_priority() -> None:
     """The runner is background work: on a host it shares with Redis or the application, the
     CPU belongs to them first (docs/decisions.md; docs/benchmarks.md measures the difference).
     ``$MIGRATOR_NICE`` sets the niceness added (0 keeps the shell's)."""
-    raw = os.environ.get(NICE_ENV, str(NICE_DEFAULT))
-    try:
-        nice = int(raw)
-    except ValueError:
-        raise InputError(f"${NICE_ENV} must be a whole number (0-19), not {raw!r}") from None
-    if not 0 <= nice <= 19:
-        raise InputError(f"${NICE_ENV} must be between 0 and 19, not {nice}")
+    nice = int_from_env(NICE_ENV, NICE_DEFAULT, 0, 19)
     if nice and hasattr(os, "nice"):
         os.nice(nice)
 
@@ -60,6 +56,7 @@ def stop_on_signals() -> Iterator[threading.Event]:
     """Long work starts here: at a lower CPU priority (:func:`lower_priority`), and with
     SIGINT/SIGTERM asking it to stop after the current batch (checkpoint committed)."""
     lower_priority()
+    spin_seconds()  # $MIGRATOR_SPIN_US: a bad value stops here, before anything is written
     stop = threading.Event()
     previous: dict[int, Any] = {}
 

@@ -104,23 +104,26 @@ def test_unreachable_server_is_a_clear_message(tmp_path: Path) -> None:
     assert not (tmp_path / ".migrator" / "state.db").exists()
 
 
-def test_a_bad_niceness_is_refused_before_anything_is_written(
-    redis_server: RedisServer, r: redis.Redis, tmp_path: Path
+ENV_CASES = {
+    "niceness": (
+        {"MIGRATOR_NICE": "low"},
+        "$MIGRATOR_NICE must be a whole number (0-19), not 'low'",
+    ),
+    "spin": (
+        {"MIGRATOR_SPIN_US": "50000"},
+        "$MIGRATOR_SPIN_US must be between 0 and 10000 µs, not 50000",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(ENV_CASES))
+def test_a_bad_runner_setting_is_refused_before_anything_is_written(
+    case: str, redis_server: RedisServer, r: redis.Redis, tmp_path: Path
 ) -> None:
+    env, message = ENV_CASES[case]
     seed_hash(r, "big:hash", 100)
     before = _snapshot(r)
     plan = write_plan(tmp_path / "p.yaml", redis_server.url)
-    res = run_cli(
-        "plan",
-        "apply",
-        str(plan),
-        "--allow-no-instances",
-        cwd=tmp_path,
-        env={"MIGRATOR_NICE": "low"},
-    )
-    _assert_refused(
-        res,
-        "$MIGRATOR_NICE must be a whole number (0-19), not 'low'",
-        tmp_path / ".migrator" / "state.db",
-    )
+    res = run_cli("plan", "apply", str(plan), "--allow-no-instances", cwd=tmp_path, env=env)
+    _assert_refused(res, message, tmp_path / ".migrator" / "state.db")
     assert _snapshot(r) == before, "Redis was written"
