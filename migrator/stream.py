@@ -14,6 +14,10 @@ finishes what it began (up to a checkpoint) and reads every reply, so the loop a
 state. Subclasses say what to send next and what a reply means; on any error the connection is
 dropped and whatever was in flight is handed back to the subclass to send again (every command
 of a scan is idempotent).
+
+Replies are awaited by polling the socket briefly before sleeping (``redisio/wire.py``): a
+reply is due within tens of µs, and on a virtual machine a thread woken from ``recv`` takes
+longer than that to run again.
 """
 
 from __future__ import annotations
@@ -25,7 +29,9 @@ from typing import Any
 import redis
 from redis.exceptions import NoScriptError
 
+from migrator.env import int_from_env
 from migrator.redisio.scripts import Scripts
+from migrator.redisio.wire import Spin, StreamWire, wire_for
 from migrator.throttle import BatchSizer
 
 #: Commands in flight at once. Two keep the server busy while the runner reads a reply and
@@ -35,6 +41,18 @@ DEPTH = 2
 #: them; the wait costs about one round trip per step.
 STEP_SCRIPTS = 32
 BURST_S = 0.02
+
+#: How long a stream polls for a reply before it sleeps (``redisio/wire.py``); opt-in through
+#: ``$MIGRATOR_SPIN_US``. Off by default: on a virtual machine, a vCPU kept busy polling made the
+#: hypervisor preempt the server's vCPU, and commands of a few members took over 1 ms of wall
+#: time (docs/decisions.md). Worth it where the runner has a host or idle CPUs of its own.
+SPIN_ENV, SPIN_DEFAULT_US = "MIGRATOR_SPIN_US", 0
+
+
+def spin_seconds() -> float:
+    """``$MIGRATOR_SPIN_US`` in seconds; a bad value is bad input (exit 2, nothing written)."""
+    return int_from_env(SPIN_ENV, SPIN_DEFAULT_US, 0, 10_000, " µs") / 1e6
+
 
 #: What was sent, as the subclass tagged it: ("scan", payload) or ("script", payload).
 Sent = tuple[str, Any]
@@ -52,8 +70,10 @@ class CommandStream:
         depth: int = DEPTH,
         burst_s: float = BURST_S,
         step_scripts: int = STEP_SCRIPTS,
+        spin_s: float | None = None,
     ) -> None:
         self.client = client
+        self.spin = Spin(spin_seconds() if spin_s is None else spin_s)
         self.scripts = scripts
         self.sizer = sizer
         self.depth = max(1, depth)
@@ -108,9 +128,11 @@ class CommandStream:
         """One step: (members done, the longest script's server time, its members)."""
         pool = self.client.connection_pool
         conn = pool.get_connection()
+        wire: StreamWire | None = None
         done, worst, worst_members, scripts = 0, 0.0, 0, 0
         ends = time.monotonic() + self.burst_s
         try:
+            wire = wire_for(conn, self.spin)
             while True:
                 more = not scripts or (scripts < self.step_scripts and time.monotonic() < ends)
                 if not self._finished() and (more or self._must_go_on()):
@@ -119,13 +141,13 @@ class CommandStream:
                         if nxt is None:
                             break
                         cmd, sent = nxt
-                        conn.send_packed_command(conn.pack_command(*cmd), check_health=False)
+                        wire.send(cmd)
                         self._inflight.append(sent)
                         scripts += sent[0] == "script"
                         self.most_inflight = max(self.most_inflight, len(self._inflight))
                 if not self._inflight:
                     break  # all acknowledged, and the step is over or the scan is done
-                reply = conn.read_response()
+                reply = wire.read()
                 n, elapsed, members = self._received(self._inflight[0], reply)
                 self._inflight.popleft()
                 done += n
@@ -134,15 +156,20 @@ class CommandStream:
                 if elapsed >= worst:
                     worst, worst_members = elapsed, members
         except BaseException:
-            # Not acknowledged: sent again next time. The connection may hold replies of
-            # commands no longer waited for, so it is closed rather than reused.
+            # The connection may hold replies of commands no longer waited for, or half a
+            # command: it is closed rather than reused. What was not acknowledged is sent
+            # again next time.
+            conn.disconnect()
             for sent in reversed(self._inflight):
                 self._lost(sent)
             self._inflight.clear()
-            conn.disconnect()
             raise
         finally:
-            pool.release(conn)
+            try:
+                if wire is not None:
+                    wire.close()
+            finally:
+                pool.release(conn)
         self._settled()
         self.worst_us = max(self.worst_us, worst)
         return done, worst, worst_members
