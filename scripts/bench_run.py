@@ -28,7 +28,7 @@ import sys
 import tempfile
 import time
 from array import array
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, cast
@@ -257,21 +257,91 @@ def run_recipe(url: str) -> tuple[int, float, float]:
     return int(out[0]), float(out[1]), float(out[2])
 
 
-def run_copy(
-    url: str, budget_ms: float, rate: float, seconds: float, nice: int | None
-) -> tuple[int, float, float, float, float]:
+@dataclass(frozen=True)
+class Point:
+    """One way of copying (or not) in the interleaved rounds."""
+
+    what: str  # "migrator" (scripts/bench_copy.py), "recipe", or "neighbour" (no copy at all)
+    budget_ms: float = BUDGET_MS
+    rate: float = 0
+    nice: int | None = None  # None: the CLI's default ($MIGRATOR_NICE unset)
+    spin_us: int | None = None  # None: the default ($MIGRATOR_SPIN_US unset)
+
+    @property
+    def default(self) -> bool:
+        return self == Point("migrator")
+
+    def label(self) -> str:
+        if self.what == "recipe":
+            return "the recipe (HSCAN COUNT 1000 + pipelined HSETs)"
+        if self.what == "neighbour":
+            return "no copy: a process busy 1 ms of every 2 ms, never touching Redis"
+        parts = [f"{self.budget_ms:g} ms"]
+        parts.append(f"{self.rate:,.0f}/s" if self.rate else "none")
+        parts.append("10 (default)" if self.nice is None else str(self.nice))
+        parts.append("none (default)" if self.spin_us is None else f"{self.spin_us} µs")
+        return " | ".join(parts)
+
+
+#: The interleaved rounds: the default copy and the recipe (rows 1 and 3), then the tradeoff:
+#: other budgets, rate ceilings, CPU priorities, no reply polling, and the host's noise floor.
+POINTS = (
+    Point("migrator"),
+    Point("recipe"),
+    Point("migrator", budget_ms=0.25),
+    Point("migrator", budget_ms=0.5),
+    Point("migrator", budget_ms=2.0),
+    Point("migrator", budget_ms=4.0),
+    Point("migrator", nice=0),
+    Point("migrator", spin_us=300),
+    Point("migrator", rate=50_000),
+    Point("migrator", rate=20_000),
+    Point("neighbour"),
+)
+ROUND_TARGET = "bench:round:{shard}"
+
+
+def run_point(client: redis.Redis, url: str, pt: Point, seconds: float) -> dict[str, Any]:
+    """Run one point for ``seconds`` into fresh shard keys: members, window, longest script
+    (own clock) and the server's µs per member copied."""
+    client.unlink(*[ROUND_TARGET.replace("{shard}", str(i)) for i in range(SHARDS)])
+    time.sleep(0.3)
+    if pt.what == "neighbour":
+        t0, t1 = cpu_neighbour(seconds)
+        return {"members": 0, "window": (t0, t1), "worst": 0.0, "server_us": 0.0}
+    if pt.what == "recipe":
+        usec = command_stat(client, "usec", "hscan", "hset")
+        args = [str(ROOT / "scripts" / "bench_recipe.py"), url, SOURCE, ROUND_TARGET]
+        out = subprocess.run(
+            [PY, *args, str(SHARDS), str(seconds)], capture_output=True, text=True, check=True
+        ).stdout.split()
+        n = int(out[0])
+        server_us = (command_stat(client, "usec", "hscan", "hset") - usec) / max(n, 1)
+        return {
+            "members": n,
+            "window": (float(out[1]), float(out[2])),
+            "worst": 0.0,
+            "server_us": server_us,
+        }
     env = dict(os.environ)
-    if nice is not None:
-        env["MIGRATOR_NICE"] = str(nice)
+    if pt.nice is not None:
+        env["MIGRATOR_NICE"] = str(pt.nice)
+    if pt.spin_us is not None:
+        env["MIGRATOR_SPIN_US"] = str(pt.spin_us)
+    args = [str(ROOT / "scripts" / "bench_copy.py"), url, SOURCE, ROUND_TARGET, str(SHARDS)]
     out = subprocess.run(
-        [PY, str(ROOT / "scripts" / "bench_copy.py"), url, SOURCE, "bench:sweep:{shard}"]
-        + [str(SHARDS), str(budget_ms), str(rate), str(seconds)],
+        [PY, *args, str(pt.budget_ms), str(pt.rate), str(seconds)],
         capture_output=True,
         text=True,
         check=True,
         env=env,
     ).stdout.split()
-    return int(out[0]), float(out[1]), float(out[2]), float(out[3]), float(out[4])
+    return {
+        "members": int(out[0]),
+        "window": (float(out[1]), float(out[2])),
+        "worst": float(out[3]),
+        "server_us": float(out[4]),
+    }
 
 
 def cpu_neighbour(seconds: float) -> tuple[float, float]:
@@ -289,39 +359,63 @@ def cpu_neighbour(seconds: float) -> tuple[float, float]:
     return t0, time.time()
 
 
-#: Tradeoff points: (budget ms, rate ceiling, niceness; None = the CLI's default).
-POINTS = (
-    (0.25, 0, None),
-    (0.5, 0, None),
-    (1.0, 0, None),
-    (1.0, 0, 0),
-    (2.0, 0, None),
-    (4.0, 0, None),
-    (1.0, 50_000, None),
-    (1.0, 20_000, None),
-)
+def interleaved(
+    client: redis.Redis, url: str, rounds: int, seconds: float
+) -> tuple[list[tuple[float, float]], dict[Point, list[dict[str, Any]]]]:
+    """``rounds`` rounds, each an idle window and then every point for ``seconds``, in
+    alternating order: the host's noise drifts over minutes, and each point is compared with
+    the idle window of its own round (docs/benchmarks.md, How it is measured)."""
+    idle: list[tuple[float, float]] = []
+    runs: dict[Point, list[dict[str, Any]]] = {pt: [] for pt in POINTS}
+    for i in range(rounds):
+        client.unlink(*[ROUND_TARGET.replace("{shard}", str(k)) for k in range(SHARDS)])
+        time.sleep(0.3)
+        t0 = time.time()
+        time.sleep(seconds)
+        idle.append((t0, time.time()))
+        for pt in POINTS if i % 2 == 0 else reversed(POINTS):
+            runs[pt].append(run_point(client, url, pt, seconds))
+        log(f"  round {i + 1} of {rounds} done")
+    client.unlink(*[ROUND_TARGET.replace("{shard}", str(k)) for k in range(SHARDS)])
+    return idle, runs
 
 
-def sweep(client: redis.Redis, url: str, seconds: float) -> list[dict[str, Any]]:
-    """The copy at other budgets, rate ceilings and priorities, each for ``seconds``."""
-    points: list[dict[str, Any]] = []
-    for budget_ms, rate, nice in POINTS:
-        client.unlink(*[f"bench:sweep:{i}" for i in range(SHARDS)])
-        time.sleep(0.5)
-        n, t0, t1, worst, server_us = run_copy(url, budget_ms, rate, seconds, nice)
-        points.append(
+def summarise(
+    samples: tuple[array[float], array[float]],
+    idle: list[tuple[float, float]],
+    runs: dict[Point, list[dict[str, Any]]],
+) -> list[dict[str, Any]]:
+    """Per point: median rate, pooled load percentiles, and the p99 ratio to idle both pooled
+    and round by round (median, lowest, highest)."""
+    pooled_idle = p99_in(samples, *idle)["p99_us"]
+    out = []
+    for pt, rs in runs.items():
+        rates = [r["members"] / (r["window"][1] - r["window"][0]) for r in rs]
+        load = p99_in(samples, *[r["window"] for r in rs])
+        ratios = []
+        for r, win in zip(rs, idle, strict=True):
+            own, base = p99_in(samples, r["window"])["p99_us"], p99_in(samples, win)["p99_us"]
+            if own and base:
+                ratios.append(own / base)
+        out.append(
             {
-                "budget_ms": budget_ms,
-                "rate": rate,
-                "nice": nice,
-                "members": n,
-                "window": (t0, t1),
-                "worst": worst,
-                "server_us": server_us,
+                "point": asdict(pt),
+                "label": pt.label(),
+                "default": pt.default,
+                "what": pt.what,
+                "rounds": len(rs),
+                "rate_members_s": statistics.median(rates) if pt.what != "neighbour" else None,
+                "server_us": statistics.median(r["server_us"] for r in rs),
+                "worst": max(r["worst"] for r in rs),
+                "p50_us": load["p50_us"],
+                "p99_us": load["p99_us"],
+                "pooled_ratio": load["p99_us"] / pooled_idle if load["p99_us"] else None,
+                "ratio_median": statistics.median(ratios) if ratios else None,
+                "ratio_low": min(ratios, default=None),
+                "ratio_high": max(ratios, default=None),
             }
         )
-    client.unlink(*[f"bench:sweep:{i}" for i in range(SHARDS)])
-    return points
+    return out
 
 
 # -- shim overhead -------------------------------------------------------------------------
@@ -378,6 +472,40 @@ def ratio(a: float | None, b: float | None) -> str:
     return f"{a / b:.2f}x" if a and b else "n/a"
 
 
+def _spread(pt: dict[str, Any]) -> str:
+    """A point's p99 / idle round by round: median (lowest-highest)."""
+    if pt["ratio_median"] is None:
+        return "n/a"
+    return f"{pt['ratio_median']:.2f}x ({pt['ratio_low']:.2f}-{pt['ratio_high']:.2f})"
+
+
+def _round_point(r: dict[str, Any], what: str) -> dict[str, Any] | None:
+    """The interleaved rounds' default migrator row (``what`` "migrator") or recipe row."""
+    for pt in (r.get("rounds") or {}).get("points") or []:
+        if (what == "recipe" and pt["what"] == "recipe") or (what != "recipe" and pt["default"]):
+            return pt
+    return None
+
+
+def round_rows(r: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """Rows 1r and 3r: the default copy and the recipe, median of the interleaved rounds."""
+    mig, rec = _round_point(r, "migrator"), _round_point(r, "recipe")
+    if not mig or not rec:
+        return [], []
+    n, sec = r["rounds"]["count"], r["rounds"]["seconds"]
+    rates = (
+        f"| 1r | the same, median of {n} interleaved rounds of {sec:g} s each | "
+        f"{mig['rate_members_s']:,.0f} | {rec['rate_members_s']:,.0f} | "
+        f"**{ratio(mig['rate_members_s'], rec['rate_members_s'])}** |"
+    )
+    p99 = (
+        f"| 3r | the same, each round against its own idle window: median (lowest-highest) of "
+        f"{n} rounds | {_spread(mig)} | {_spread(rec)} | **{mig['ratio_median']:.2f}x** / "
+        f"{rec['ratio_median']:.2f}x of idle |"
+    )
+    return [rates], [p99]
+
+
 def server_row(r: dict[str, Any]) -> str:
     """Row 1b: what each copy costs the server per member, and the rate that would saturate it."""
     mig, rec = r["server_us"]["migrator"], r["server_us"]["recipe"]
@@ -391,7 +519,7 @@ def server_row(r: dict[str, Any]) -> str:
 
     return (
         "| 1b | server time per member copied (INFO commandstats; the migrator figure from the "
-        f"tradeoff table's default row) | {cell(mig, rates['migrator'])} | "
+        f"interleaved rounds' default row) | {cell(mig, rates['migrator'])} | "
         f"{cell(rec, rates['recipe'])} | {ratio(mig, rec)} |"
     )
 
@@ -402,6 +530,7 @@ def render(r: dict[str, Any]) -> str:
     mig, rec = r["load"]["migrator"]["p99_us"], r["load"]["recipe"]["p99_us"]
     slow_m, slow_r = r["slowlog"]["migrator"], r["slowlog"]["recipe"]
     big = r["rss"].get("big")
+    rows_1r, rows_3r = round_rows(r)
     lines = [
         "# Benchmarks",
         "",
@@ -420,6 +549,7 @@ def render(r: dict[str, Any]) -> str:
         f"| 1 | copy rate, members/s (race-safe, {BUDGET_MS:g} ms budget, no rate ceiling) | "
         f"{r['copy']['migrator']:,.0f} | {r['copy']['recipe']:,.0f} | "
         f"**{ratio(r['copy']['migrator'], r['copy']['recipe'])}** |",
+        *rows_1r,
         server_row(r),
         f"| 2 | longest server-side command (SLOWLOG), budget {BUDGET_MS * 1000:.0f} µs | "
         f"{slow_m['longest_us']} µs ({slow_m['command']}); {slow_m['over_budget']} of "
@@ -429,6 +559,7 @@ def render(r: dict[str, Any]) -> str:
         f"| 3 | p99 of the concurrent GET/HGET load, µs (idle: {idle}) | {mig} "
         f"(p50 {r['load']['migrator']['p50_us']}) | {rec} (p50 {r['load']['recipe']['p50_us']})"
         f" | **{ratio(mig, idle)}** / {ratio(rec, idle)} of idle |",
+        *rows_3r,
         f"| 4 | verify rate, members/s (both directions); the load's p99 meanwhile | "
         f"{r['verify']['rate']:,.0f}; p99 {r['load']['verify']['p99_us']} µs | — | "
         f"{ratio(r['load']['verify']['p99_us'], idle)} of idle |",
@@ -470,34 +601,39 @@ def render(r: dict[str, Any]) -> str:
                 f"| {row['phase']} | {row['plain hset']} | {row['shim hset']} | "
                 f"{row['plain hget']} | {row['shim hget']} |"
             )
-    if r.get("sweep"):
+    points = (r.get("rounds") or {}).get("points") or []
+    if points:
+        rounds = r["rounds"]
         lines += [
             "",
             "## Speed against the concurrent load: the tradeoff",
             "",
-            "The runner's copy loop (`scripts/bench_copy.py`: the same copier, batch sizer,",
-            "pacer and gates as `migrator plan apply`) for a few seconds at other budgets",
-            "(`copy.max_command_ms`), rate ceilings (`copy.rate`) and CPU priorities",
-            "(`$MIGRATOR_NICE`), under the same load:",
+            f"{rounds['count']} interleaved rounds; each round is an idle window and then every "
+            f"row below for {rounds['seconds']:g} s,",
+            "in alternating order, into fresh shard keys. The migrator rows run the runner's copy",
+            "loop (`scripts/bench_copy.py`: the same copier, batch sizer, pacer and gates as",
+            "`migrator plan apply`) at other budgets (`copy.max_command_ms`), rate ceilings",
+            "(`copy.rate`), CPU priorities (`$MIGRATOR_NICE`) and reply polling",
+            "(`$MIGRATOR_SPIN_US`, off by default: µs to poll for a reply before sleeping).",
+            "The rate and server time are medians",
+            "over the rounds, p50/p99 are pooled over them; the last column compares each round's",
+            "p99 with the idle window of the same round: median (lowest-highest). Idle p99 pooled",
+            f"over the rounds: {rounds['idle']['p99_us']} µs.",
             "",
-            "| budget | rate ceiling | runner niceness | members/s | server µs / member |"
-            " longest script (own clock) | load p50 µs | load p99 µs | p99 / idle |",
-            "|---|---|---|---|---|---|---|---|---|",
+            "| budget | rate ceiling | runner niceness | reply polling | members/s |"
+            " server µs / member | longest script (own clock) | load p50 µs | load p99 µs |"
+            " p99 / idle, pooled | p99 / idle, round by round |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
-        for pt in r["sweep"]:
-            ceiling = f"{pt['rate']:,.0f}/s" if pt["rate"] else "none"
-            nice = "10 (default)" if pt["nice"] is None else f"{pt['nice']}"
+        for pt in points:
+            label = pt["label"] if pt["what"] == "migrator" else f"{pt['label']} | — | — | —"
+            rate = f"{pt['rate_members_s']:,.0f}" if pt["rate_members_s"] else "—"
+            server = f"{pt['server_us']:.2f}" if pt["server_us"] else "—"
+            worst = f"{pt['worst']:.0f} µs" if pt["worst"] else "—"
             lines.append(
-                f"| {pt['budget_ms']:g} ms | {ceiling} | {nice} | "
-                f"{pt['rate_members_s']:,.0f} | {pt['server_us']:.2f} | {pt['worst']:.0f} µs | "
-                f"{pt['p50_us']} | {pt['p99_us']} | {ratio(pt['p99_us'], idle)} |"
+                f"| {label} | {rate} | {server} | {worst} | {pt['p50_us']} | {pt['p99_us']} | "
+                f"{pt['pooled_ratio']:.2f}x | {_spread(pt)} |"
             )
-        nf = r.get("noise_floor")
-        if nf:
-            lines += [
-                "| no copy: a process busy 1 ms of every 2 ms, never touching Redis | — | — | — | "
-                f"— | — | {nf['p50_us']} | {nf['p99_us']} | {ratio(nf['p99_us'], idle)} |",
-            ]
     lines += ["", FINDINGS, "", r["method"], ""]
     return "\n".join(lines)
 
@@ -516,8 +652,12 @@ FINDINGS = """\
   server. So the copy can only be twice as fast as the recipe where the server has room for
   it: compare migrator's saturation rate in row 1b with twice the recipe's rate in row 1.
   At the default slice the server is far from saturated (row 1b's "busy"): a round trip on
-  this host costs more in wakeups and syscalls than a slice of server work, so the runner's
-  round trips, not the server, set the pace; a larger budget means fewer of them.
+  this host costs more in wake-ups and syscalls than a slice of server work, so the runner's
+  round trips, not the server, set the pace; a larger budget means fewer of them. The runner
+  polls for each reply for a moment before it sleeps (yielding the CPU between polls to any
+  other task that wants it) where `$MIGRATOR_SPIN_US` asks for it, which spares most of the
+  wake-ups; the tradeoff table's reply-polling row measures it (off by default: see
+  docs/decisions.md).
 * **The budget and the slice.** Each copy command aims at a small slice of the budget (4%:
   40 µs of the default 1 ms). Scripts time themselves (Valkey: the server's CPU clock, since it
   freezes TIME inside a script; Redis 7: TIME), the batch sizer keeps them near the slice, and
@@ -537,7 +677,8 @@ FINDINGS = """\
   for: work verbs run at niceness 10 (`$MIGRATOR_NICE`), so they go first. The tradeoff
   table's niceness-0 row shows what that is worth; its last row is the host's own noise floor
   (a neighbour process that never touches Redis). Idle p99 on such a host moves by tens of µs
-  between runs, so compare figures from one run only.
+  from minute to minute, so the rounds compare each copy with an idle window of the same round
+  (rows 1r and 3r, and the table's last column); compare figures from one run only.
 * **Memory.** The runner holds one window of member names and nothing per member copied, so
   its peak RSS is the same for a 1M- and a 4M-member key.
 """
@@ -563,9 +704,16 @@ METHOD = """\
 * **Concurrent p99** — `scripts/bench_load.py`: one connection, one command every 1 ms
   (alternating GET of a small string and HGET of a random member of the source), wall time and
   latency of every call recorded; percentiles over the samples inside each copy's window, idle
-  from the seconds before migrator's copy and before the recipe's, pooled.
+  from the seconds before migrator's copy and before the recipe's, pooled. Row 3 compares the
+  whole copies with those idle windows, minutes apart.
+* **Interleaved rounds** (rows 1r, 3r and the tradeoff table) — the host's noise drifts over
+  minutes, so the bench also runs rounds: an idle window, then the default copy, the recipe
+  and every other point of the table for a few seconds each, in alternating order, each into
+  fresh shard keys (the first seconds of a copy, from cursor 0). Each point's p99 is divided by
+  the idle p99 of its own round, and the median over the rounds is reported with the lowest
+  and highest; the rates are medians too.
 * **Server time per member** — the `usec` of `INFO commandstats` for the copy's own commands
-  (EVALSHA and HSCAN for migrator, in the tradeoff table's runs; HSCAN and HSET for the recipe),
+  (EVALSHA and HSCAN for migrator, in the interleaved rounds; HSCAN and HSET for the recipe),
   over the members copied meanwhile. The load sends only GET and HGET, so it is not counted.
 * **Verify rate** — members of the source per second of the `verifying` phase, which reads the
   source → shards direction and the shards → source direction once each, then re-checks
@@ -587,8 +735,9 @@ def main() -> int:
     ap.add_argument("--idle-seconds", type=float, default=6.0)
     ap.add_argument("--shim-calls", type=int, default=3000, help="0 skips item 6")
     ap.add_argument(
-        "--sweep-seconds", type=float, default=8.0, help="per tradeoff point; 0 skips the sweep"
+        "--rounds", type=int, default=4, help="interleaved rounds of every point; 0 skips them"
     )
+    ap.add_argument("--round-seconds", type=float, default=4.0, help="per point and round")
     args = ap.parse_args()
 
     binary: ServerBinary | None = None
@@ -648,12 +797,11 @@ def main() -> int:
         rec_server_us = (command_stat(client, "usec", "hscan", "hset") - usec) / max(copied, 1)
         rec_slow = slowlog(client, "bench:recipe", BUDGET_MS * 1000)
         log(f"  recipe {copied:,} members in {r1 - r0:.1f}s")
-        points: list[dict[str, Any]] = []
-        floor: tuple[float, float] | None = None
-        if args.sweep_seconds:
-            log("tradeoff sweep: budgets and rate ceilings ...")
-            points = sweep(client, server.url, args.sweep_seconds)
-            floor = cpu_neighbour(args.sweep_seconds)
+        idle_rounds: list[tuple[float, float]] = []
+        runs: dict[Point, list[dict[str, Any]]] = {}
+        if args.rounds:
+            log(f"{args.rounds} interleaved rounds of {len(POINTS)} points ...")
+            idle_rounds, runs = interleaved(client, server.url, args.rounds, args.round_seconds)
         samples = load.stop()
 
         result["copy"] = {
@@ -668,12 +816,14 @@ def main() -> int:
             "recipe": p99_in(samples, (r0, r1)),
         }
         result["verify"] = {"rate": args.members / mig.verify_s, "detail": mig.verify_detail}
-        for pt in points:
-            pt["rate_members_s"] = pt["members"] / (pt["window"][1] - pt["window"][0])
-            pt.update(p99_in(samples, pt["window"]))
-        result["sweep"] = points
-        result["noise_floor"] = p99_in(samples, floor) if floor else None
-        default = [p for p in points if p["budget_ms"] == BUDGET_MS and not p["rate"]]
+        points = summarise(samples, idle_rounds, runs) if runs else []
+        result["rounds"] = {
+            "count": args.rounds,
+            "seconds": args.round_seconds,
+            "idle": p99_in(samples, *idle_rounds) if idle_rounds else None,
+            "points": points,
+        }
+        default = [p for p in points if p["default"]]
         result["server_us"] = {
             "migrator": default[0]["server_us"] if default else None,
             "migrator_rate": default[0]["rate_members_s"] if default else None,
