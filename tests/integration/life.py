@@ -8,16 +8,22 @@ at a modest pace and keeping a model of what was acknowledged. Each owns the mem
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
+import re
+import statistics
 import subprocess
 import sys
 import threading
 import time
+from collections import defaultdict
+from dataclasses import dataclass
 from typing import Any
 
 import redis
 
+from migrator.redisio.scripts import source
 from migrator.shim import ShardRouter
 from migrator.store import open_store
 from tests.conftest import ROOT
@@ -42,10 +48,84 @@ def shard_keys_present(client: redis.Redis) -> set[str]:
     return {k for k in data_keys(client) if k != SOURCE}
 
 
-def runner_slowlog(client: redis.Redis) -> list[dict[str, Any]]:
-    """SLOWLOG entries of commands sent by migrator's own connections (CLIENT SETNAME)."""
-    entries = client.slowlog_get(100_000)
-    return [e for e in entries if (e.get("client_name") or b"").startswith(b"migrator:")]
+#: SLOWLOG cuts a command past 32 arguments, the last one saying how many it left out.
+_MORE_ARGS = re.compile(rb" ?\.\.\. \((\d+) more arguments\)$")
+_DELETE_STEP = hashlib.sha1(source("delete_step").encode()).hexdigest().encode()
+
+
+@dataclass(frozen=True)
+class Sent:
+    """One command migrator's own connections sent (CLIENT SETNAME migrator:<job>), as a
+    SLOWLOG at threshold 0 logged it: its server time, what it was and how much work it did."""
+
+    duration_us: int
+    command: bytes
+
+    def _words(self) -> tuple[list[bytes], int]:
+        more = _MORE_ARGS.search(self.command)
+        text = self.command[: more.start()] if more else self.command
+        return text.split(b" "), int(more.group(1)) if more else 0
+
+    @property
+    def kind(self) -> tuple[bytes, ...]:
+        words, _ = self._words()
+        name = words[0].upper()
+        if name.endswith(b"SCAN"):
+            return (name,)
+        # A script by its sha; any other command by its key too, so that a one-off DEL of the
+        # big key has no peers in the DELs of small ones.
+        return (name, words[1]) if len(words) > 1 else (name,)
+
+    @property
+    def work(self) -> int:
+        """Members the command touches, near enough: a scan's COUNT, a delete step's count,
+        a script's number of arguments, another command's arguments after its key."""
+        words, more = self._words()
+        name = words[0].upper()
+        if name.endswith(b"SCAN"):
+            upper = [w.upper() for w in words]
+            return int(words[upper.index(b"COUNT") + 1]) if b"COUNT" in upper else 10
+        if name == b"EVALSHA":
+            if words[1] == _DELETE_STEP:
+                return int(words[-1])
+            return len(words) + more - 3 - int(words[2])
+        return max(1, len(words) + more - 2)
+
+
+def runner_sent(client: redis.Redis, max_len: int) -> list[Sent]:
+    """Every command of migrator's connections in a SLOWLOG kept at threshold 0."""
+    assert client.slowlog_len() < max_len, "the slow log filled up: entries were lost"
+    return [
+        Sent(e["duration"], e["command"])
+        for e in client.slowlog_get(max_len)
+        if (e.get("client_name") or b"").startswith(b"migrator:")
+    ]
+
+
+def over_budget(sent: list[Sent], budget_us: int) -> tuple[list[Sent], list[Sent]]:
+    """The runner's commands that took over ``budget_us`` of wall time: (overruns, stalls).
+
+    SLOWLOG counts wall time, so a host stall (the hypervisor taking the server's vCPU, ~1 to
+    4 ms a few times a minute on the test VMs, whatever the server runs) lands on a random
+    command. Such a command did no more work than its peers (the commands of its kind) do
+    within the budget: a stall. A real overrun did more work than the budget allows at the
+    rate its peers worked, or has no peers to vouch for it (a one-off whole-key command).
+    """
+    by_kind: dict[tuple[bytes, ...], list[Sent]] = defaultdict(list)
+    for s in sent:
+        by_kind[s.kind].append(s)
+    overruns, stalls = [], []
+    for s in sent:
+        if s.duration_us <= budget_us:
+            continue
+        peers = [p for p in by_kind[s.kind] if p is not s and p.work > 0]
+        if len(peers) >= 5:
+            us_per_unit = statistics.median(p.duration_us / p.work for p in peers)
+            if us_per_unit * s.work <= budget_us / 2:
+                stalls.append(s)
+                continue
+        overruns.append(s)
+    return overruns, stalls
 
 
 def job_state(state_url: str, name: str = JOB) -> dict[str, Any]:
