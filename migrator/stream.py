@@ -15,9 +15,10 @@ state. Subclasses say what to send next and what a reply means; on any error the
 dropped and whatever was in flight is handed back to the subclass to send again (every command
 of a scan is idempotent).
 
-Replies are awaited by polling the socket briefly before sleeping (``redisio/wire.py``): a
-reply is due within tens of µs, and on a virtual machine a thread woken from ``recv`` takes
-longer than that to run again.
+By default a stream sleeps until each reply comes (redis-py's reads). With
+``$MIGRATOR_SPIN_US`` it polls the socket for that long first (``redisio/wire.py``): a reply
+is due within tens of µs, and on a virtual machine a thread woken from ``recv`` takes longer
+than that to run again.
 """
 
 from __future__ import annotations
