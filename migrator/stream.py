@@ -15,10 +15,10 @@ state. Subclasses say what to send next and what a reply means; on any error the
 dropped and whatever was in flight is handed back to the subclass to send again (every command
 of a scan is idempotent).
 
-By default a stream sleeps until each reply comes (redis-py's reads). With
-``$MIGRATOR_SPIN_US`` it polls the socket for that long first (``redisio/wire.py``): a reply
-is due within tens of µs, and on a virtual machine a thread woken from ``recv`` takes longer
-than that to run again.
+A stream polls the socket for a reply for up to ``$MIGRATOR_SPIN_US`` (300 µs by default)
+before it sleeps (``redisio/wire.py``): a reply is due within tens of µs, and on a virtual
+machine a thread woken from ``recv`` takes longer than that to run again. ``0`` sleeps at once
+(redis-py's own reads).
 """
 
 from __future__ import annotations
@@ -43,11 +43,11 @@ DEPTH = 2
 STEP_SCRIPTS = 32
 BURST_S = 0.02
 
-#: How long a stream polls for a reply before it sleeps (``redisio/wire.py``); opt-in through
-#: ``$MIGRATOR_SPIN_US``. Off by default: on a virtual machine, a vCPU kept busy polling made the
-#: hypervisor preempt the server's vCPU, and commands of a few members took over 1 ms of wall
-#: time (docs/decisions.md). Worth it where the runner has a host or idle CPUs of its own.
-SPIN_ENV, SPIN_DEFAULT_US = "MIGRATOR_SPIN_US", 0
+#: How long a stream polls for a reply before it sleeps (``redisio/wire.py``),
+#: ``$MIGRATOR_SPIN_US``; 0 sleeps at once. Measured under the bench's load, in interleaved
+#: rounds: about twice the sleeping copy's rate, at the same p99 of the application's requests
+#: (docs/decisions.md).
+SPIN_ENV, SPIN_DEFAULT_US = "MIGRATOR_SPIN_US", 300
 
 
 def spin_seconds() -> float:

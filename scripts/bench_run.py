@@ -42,6 +42,7 @@ from bench_copy import command_stat  # noqa: E402  (scripts/ is on sys.path as t
 
 from migrator import commands  # noqa: E402
 from migrator.store import open_store  # noqa: E402
+from migrator.stream import SPIN_DEFAULT_US  # noqa: E402
 from tests.servers import RedisServer, ServerBinary, discover  # noqa: E402
 
 SHARDS = 100
@@ -279,7 +280,10 @@ class Point:
         parts = [f"{self.budget_ms:g} ms"]
         parts.append(f"{self.rate:,.0f}/s" if self.rate else "none")
         parts.append("10 (default)" if self.nice is None else str(self.nice))
-        parts.append("none (default)" if self.spin_us is None else f"{self.spin_us} µs")
+        if self.spin_us is None:
+            parts.append(f"{SPIN_DEFAULT_US} µs (default)")
+        else:
+            parts.append(f"{self.spin_us} µs" if self.spin_us else "none: sleeps at once")
         return " | ".join(parts)
 
 
@@ -293,7 +297,7 @@ POINTS = (
     Point("migrator", budget_ms=2.0),
     Point("migrator", budget_ms=4.0),
     Point("migrator", nice=0),
-    Point("migrator", spin_us=300),
+    Point("migrator", spin_us=0),
     Point("migrator", rate=50_000),
     Point("migrator", rate=20_000),
     Point("neighbour"),
@@ -614,7 +618,8 @@ def render(r: dict[str, Any]) -> str:
             "loop (`scripts/bench_copy.py`: the same copier, batch sizer, pacer and gates as",
             "`migrator plan apply`) at other budgets (`copy.max_command_ms`), rate ceilings",
             "(`copy.rate`), CPU priorities (`$MIGRATOR_NICE`) and reply polling",
-            "(`$MIGRATOR_SPIN_US`, off by default: µs to poll for a reply before sleeping).",
+            f"(`$MIGRATOR_SPIN_US`: µs to poll for a reply before sleeping, {SPIN_DEFAULT_US} by "
+            "default).",
             "The rate and server time are medians",
             "over the rounds, p50/p99 are pooled over them; the last column compares each round's",
             "p99 with the idle window of the same round: median (lowest-highest). Idle p99 pooled",
@@ -655,9 +660,8 @@ FINDINGS = """\
   this host costs more in wake-ups and syscalls than a slice of server work, so the runner's
   round trips, not the server, set the pace; a larger budget means fewer of them. The runner
   polls for each reply for a moment before it sleeps (yielding the CPU between polls to any
-  other task that wants it) where `$MIGRATOR_SPIN_US` asks for it, which spares most of the
-  wake-ups; the tradeoff table's reply-polling row measures it (off by default: see
-  docs/decisions.md).
+  other task that wants it), which spares most of the wake-ups; the tradeoff table's row
+  without polling (`$MIGRATOR_SPIN_US=0`) measures what that is worth.
 * **The budget and the slice.** Each copy command aims at a small slice of the budget (4%:
   40 µs of the default 1 ms). Scripts time themselves (Valkey: the server's CPU clock, since it
   freezes TIME inside a script; Redis 7: TIME), the batch sizer keeps them near the slice, and

@@ -10,8 +10,8 @@ for up to ``spin_s`` before it sleeps in ``poll()``, yielding the CPU between tw
 to spare the wake-ups. Without the yield, the poll competed with the server and the
 application for the CPU and the application's p99 suffered; with it, measured under the
 bench's load in interleaved rounds, the copy ran ~1.6x faster at the same p99. Where the
-host is saturated polling is a loss, and :class:`Spin` backs off. Polling is opt-in
-(``$MIGRATOR_SPIN_US``): on a VM a busy vCPU slowed the server's (docs/decisions.md).
+host is saturated polling is a loss, and :class:`Spin` backs off. ``$MIGRATOR_SPIN_US=0``
+turns polling off (docs/decisions.md).
 
 The connection stays redis-py's: connected, authenticated and named by its pool. While a
 stream holds it, :class:`Wire` owns its socket (non-blocking) with its own hiredis reader;
