@@ -98,6 +98,12 @@ class HashCopier(CommandStream):
         self._safe, self._scan_cursor, self._scan_done = cursor, cursor, False
         self._filling, self._pending, self._open, self._done = [], deque(), False, False
 
+    def _window_size(self) -> int:
+        """Members routed together: ``window``, or under a rate ceiling at most its burst (a
+        step finishes the window it opened, so the window bounds the step)."""
+        limit = self.sizer.step_limit if self.sizer else None
+        return self.window if limit is None else max(1, min(self.window, limit))
+
     def _close_window(self) -> None:
         """The members scanned so far become the window to flush, routed to their shards."""
         n, h, keys = len(self.shard_keys), self._hash, self.shard_keys
@@ -160,12 +166,12 @@ class HashCopier(CommandStream):
         if (
             not self._open
             and self._filling
-            and (self._scan_done or len(self._filling) >= self.window)
+            and (self._scan_done or len(self._filling) >= self._window_size())
         ):
             # A scan in flight belongs to the next window: this one ends where it started.
             self._close_window()
             return self._next_command(count, more)
-        if self._scan_done or self._scanning() or len(self._filling) >= self.window:
+        if self._scan_done or self._scanning() or len(self._filling) >= self._window_size():
             return None
         if self._novalues is None:
             self._novalues = self._probe_novalues()

@@ -68,7 +68,10 @@ def drive(
         while first or cursor != "0":
             first = False
             pacer.before_batch(waiting)
-            result = step(cursor, sizer.batch)
+            # Under a rate ceiling a step carries at most its burst, so that a low ceiling
+            # (set-rate 100) paces small steps instead of sleeping off a large one.
+            sizer.step_limit = limit = pacer.limiter.burst()
+            result = step(cursor, sizer.batch if limit is None else min(sizer.batch, limit))
             if not result.observed:
                 sizer.observe(result.elapsed_us, result.command_members or result.members)
             cursor, done = result.cursor, done + result.members

@@ -8,7 +8,8 @@ connection: the next one is on its way while the server runs the current one, so
 does not wait for the runner, yet they are not one pipelined batch that the server would run
 back to back, and the application's requests get in between them (docs/decisions.md).
 
-A step streams up to ``step_scripts`` scripts (for at most ``burst_s``, but at least one),
+A step streams up to ``step_scripts`` scripts (for at most ``burst_s``, and under a rate
+ceiling for at most the ceiling's burst of members, but at least one),
 finishes what it began (up to a checkpoint) and reads every reply, so the loop around it
 (``scanloop.drive``: pacing, the rate ceiling, gates, checkpoints) always sees an acknowledged
 state. Subclasses say what to send next and what a reply means; on any error the connection is
@@ -132,10 +133,15 @@ class CommandStream:
         wire: StreamWire | None = None
         done, worst, worst_members, scripts = 0, 0.0, 0, 0
         ends = time.monotonic() + self.burst_s
+        limit = self.sizer.step_limit if self.sizer else None  # the rate ceiling's burst
         try:
             wire = wire_for(conn, self.spin)
             while True:
-                more = not scripts or (scripts < self.step_scripts and time.monotonic() < ends)
+                more = not scripts or (
+                    scripts < self.step_scripts
+                    and time.monotonic() < ends
+                    and (limit is None or done < limit)
+                )
                 if not self._finished() and (more or self._must_go_on()):
                     while len(self._inflight) < self.depth:
                         nxt = self._next_command(self._count(count), more)

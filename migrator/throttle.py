@@ -42,6 +42,9 @@ class BatchSizer:
         self.aim = aim  # the share of the budget each command aims at
         self.batch = max(1, min(self.max_batch, start or min(self.max_batch, 64)))
         self.overruns = 0
+        # Members one step may do before it starts nothing new: the rate ceiling's burst, set
+        # by the loop before each step (scanloop.drive); None without a ceiling.
+        self.step_limit: int | None = None
 
     def observe(self, elapsed_us: float, members: int) -> None:
         if members <= 0:
@@ -71,6 +74,9 @@ class BatchSizer:
 class RateLimiter:
     """Token bucket: at most ``rate`` members per second on average (0 = unlimited)."""
 
+    #: The largest burst allowed: a quarter second's worth of members.
+    BURST_S = 0.25
+
     def __init__(self, rate: float) -> None:
         self.rate = rate
         self._allowance = 0.0
@@ -79,9 +85,8 @@ class RateLimiter:
     def _refill(self) -> None:
         now = time.monotonic()
         if self.rate > 0:
-            # Allow a burst of at most a quarter second's worth of members.
             self._allowance = min(
-                self.rate * 0.25, self._allowance + (now - self._last) * self.rate
+                self.rate * self.BURST_S, self._allowance + (now - self._last) * self.rate
             )
         else:
             self._allowance = 0.0
@@ -94,6 +99,10 @@ class RateLimiter:
         self.rate = rate
         # A new rate applies from now: owe at most a second of it for the past.
         self._allowance = max(self._allowance, -rate) if rate > 0 else 0.0
+
+    def burst(self) -> int | None:
+        """The most members one batch should carry under the ceiling; None without one."""
+        return max(1, int(self.rate * self.BURST_S)) if self.rate > 0 else None
 
     def wait_time(self) -> float:
         """Seconds to wait before the next batch may start (0 when it may start now)."""

@@ -4,6 +4,9 @@ The copy streams small commands, a bounded number in flight, and survives losing
 
 from __future__ import annotations
 
+import contextlib
+from typing import Any
+
 import redis
 
 from migrator.copier import COPY_SCRIPT, HashCopier
@@ -178,3 +181,43 @@ def test_a_copy_whose_last_scan_finds_nothing_still_finishes(r: redis.Redis) -> 
     copier = HashCopier(r, Scripts(r), "src", _shard_keys(), 1000.0, scan=500)
     step = copier.step(str(batches[-2][0]), 250)  # HSCAN COUNT 500, as above
     assert (step.cursor, step.members) == ("0", 0)
+
+
+def test_under_a_rate_ceiling_each_step_carries_about_its_burst(r: redis.Redis) -> None:
+    """A step finishes the window it opened, and without a ceiling a window is ~20 members per
+    shard: under a low ceiling that would be one big burst and then a long sleep. With one, the
+    loop caps each step at the ceiling's burst (a quarter second's worth)."""
+    seed_hash(r, "src", 5_000)
+    steps: dict[str, list[int]] = {"ceiling": [], "none": []}
+    for name, rate in (("ceiling", 1_000), ("none", 0)):
+        copier = HashCopier(
+            r,
+            Scripts(r),
+            "src",
+            _shard_keys(),
+            budget_us=1000.0,
+            scan=1000,
+            sizer=(sizer := BatchSizer(500, 1000.0, aim=SLICE)),
+        )
+
+        def step(cursor: str, count: int, copier: HashCopier = copier, name: str = name) -> Any:
+            if len(steps[name]) == 4:
+                raise TimeoutError  # enough steps seen
+            result = copier.step(cursor, count)
+            steps[name].append(result.members)
+            return result
+
+        with contextlib.suppress(TimeoutError):
+            drive(
+                step,
+                stage="copy",
+                cursor="0",
+                done=0,
+                total=None,
+                sizer=sizer,
+                pacer=Pacer(rate),
+                save=lambda cursor, done, finished: None,
+            )
+    burst = 250  # 1000/s for a quarter second
+    assert all(0 < n <= 2 * burst for n in steps["ceiling"]), steps
+    assert max(steps["none"]) >= 1000, steps  # a whole window (20 members x 50 shards)
