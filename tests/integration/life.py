@@ -51,6 +51,11 @@ def shard_keys_present(client: redis.Redis) -> set[str]:
 #: SLOWLOG cuts a command past 32 arguments, the last one saying how many it left out.
 _MORE_ARGS = re.compile(rb" ?\.\.\. \((\d+) more arguments\)$")
 _DELETE_STEP = hashlib.sha1(source("delete_step").encode()).hexdigest().encode()
+#: Commands whose cost is bounded by their arguments (Valkey also logs those a script runs).
+_BOUNDED = {
+    b"HMGET", b"HSET", b"HDEL", b"HGET", b"HEXISTS", b"HSETNX", b"HINCRBY", b"HINCRBYFLOAT",
+    b"EXISTS", b"TYPE", b"TIME", b"PTTL", b"PEXPIRETIME", b"PEXPIREAT",
+}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -67,14 +72,16 @@ class Sent:
         return text.split(b" "), int(more.group(1)) if more else 0
 
     @property
-    def kind(self) -> tuple[bytes, ...]:
+    def kind(self) -> tuple[bytes, ...] | None:
+        """What its peers share; None for a command whose cost its arguments do not bound
+        (a whole-key read or delete, EVAL of a script given as text, ...): never excused."""
         words, _ = self._words()
         name = words[0].upper()
         if name.endswith(b"SCAN"):
             return (name,)
-        # A script by its sha; any other command by its key too, so that a one-off DEL of the
-        # big key has no peers in the DELs of small ones.
-        return (name, words[1]) if len(words) > 1 else (name,)
+        if name == b"EVALSHA":
+            return (name, words[1])  # a script by its sha
+        return (name,) if name in _BOUNDED else None
 
     @property
     def work(self) -> int:
@@ -87,8 +94,8 @@ class Sent:
             return int(words[upper.index(b"COUNT") + 1]) if b"COUNT" in upper else 10
         if name == b"EVALSHA":
             if words[1] == _DELETE_STEP:
-                return int(words[-1])
-            return len(words) + more - 3 - int(words[2])
+                return max(1, int(words[-1]))
+            return max(1, len(words) + more - 3 - int(words[2]))
         return max(1, len(words) + more - 2)
 
 
@@ -107,21 +114,25 @@ def over_budget(sent: list[Sent], budget_us: int) -> tuple[list[Sent], list[Sent
 
     SLOWLOG counts wall time, so a host stall (the hypervisor taking the server's vCPU, ~1 to
     4 ms a few times a minute on the test VMs, whatever the server runs) lands on a random
-    command. Such a command did no more work than its peers (the commands of its kind) do
-    within the budget: a stall. A real overrun did more work than the budget allows at the
-    rate its peers worked, or has no peers to vouch for it (a one-off whole-key command).
+    command. A stall is a command whose work, at the median rate of its peers (at least five
+    commands of its kind), should have taken well within the budget (at most 80% of it, where
+    the batch sizer halves), and which took over twice that. Anything else over the budget
+    is an overrun: more work than the budget allows, a kind whose cost its arguments do not
+    bound (a whole-key command), or a one-off with no peers to vouch for it.
     """
     by_kind: dict[tuple[bytes, ...], list[Sent]] = defaultdict(list)
     for s in sent:
-        by_kind[s.kind].append(s)
+        if (kind := s.kind) is not None:
+            by_kind[kind].append(s)
     overruns, stalls = [], []
     for s in sent:
         if s.duration_us <= budget_us:
             continue
-        peers = [p for p in by_kind[s.kind] if p is not s and p.work > 0]
+        kind = s.kind
+        peers = [p for p in by_kind[kind] if p is not s] if kind is not None else []
         if len(peers) >= 5:
-            us_per_unit = statistics.median(p.duration_us / p.work for p in peers)
-            if us_per_unit * s.work <= budget_us / 2:
+            predicted = statistics.median(p.duration_us / p.work for p in peers) * s.work
+            if predicted <= 0.8 * budget_us and s.duration_us >= 2 * predicted:
                 stalls.append(s)
                 continue
         overruns.append(s)

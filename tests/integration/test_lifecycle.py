@@ -117,15 +117,19 @@ def test_whole_life_under_concurrent_writers(
 
 def test_over_budget_tells_a_stall_from_an_overrun() -> None:
     """The check above on made-up logs: a routine command slowed by the host is a stall; one
-    doing more work than the budget allows at its peers' rate, or a one-off, is an overrun."""
+    doing more work than the budget allows at its peers' rate, a whole-key command, or a
+    one-off, is an overrun."""
     scan = [Sent(60, b"HSCAN big:hash %d COUNT 100" % i) for i in range(10)]
     stalled = Sent(3500, b"HSCAN big:hash 7 COUNT 100")
     too_big = Sent(1400, b"HSCAN big:hash 9 COUNT 5000")  # 5000 x 0.6 µs: 3 ms of work
-    whole = Sent(1200, b"DEL big:hash")
-    locks = [Sent(5, b"DEL migrator:lock:%d" % i) for i in range(10)]  # no peers of big:hash
-    overruns, stalls = over_budget([*scan, stalled, too_big, whole, *locks], BUDGET_US)
+    near = Sent(1100, b"HSCAN big:hash 9 COUNT 1300")  # 780 µs of work: not a stall
+    whole = [Sent(1200, b"HGETALL big:hash")] + [Sent(5, b"HGETALL small") for _ in range(9)]
+    text = [Sent(1500, b"EVAL return 1 0")] + [Sent(5, b"EVAL return 1 0") for _ in range(9)]
+    lone = Sent(1300, b"EVALSHA abc 1 big:hash m1 m2")
+    logged = [*scan, stalled, too_big, near, *whole, *text, lone]
+    overruns, stalls = over_budget(logged, BUDGET_US)
     assert stalls == [stalled]
-    assert overruns == [too_big, whole]
+    assert overruns == [too_big, near, whole[0], text[0], lone]
     # SLOWLOG keeps 31 arguments and says how many more there were: 101 in all, 2 of them
     # keys, so 96 script arguments.
     cut = Sent(10, b"EVALSHA abc 2 k1 k2 " + b"m " * 26 + b"... (70 more arguments)")
