@@ -23,16 +23,17 @@ def _shard_keys() -> list[str]:
     return [f"dst:{i}" for i in range(SHARDS)]
 
 
-def _copy_all(copier: HashCopier, sizer: BatchSizer) -> int:
-    """The whole copy through the runner's loop, unpaced; the members it counted."""
+def _copy_all(copier: HashCopier, sizer: BatchSizer, *, rate: float = 0, step: Any = None) -> int:
+    """The whole copy through the runner's loop (``step``: one wrapping ``copier.step``), at
+    a rate ceiling or unpaced; the members it counted."""
     return drive(
-        copier.step,
+        step or copier.step,
         stage="copy",
         cursor="0",
         done=0,
         total=None,
         sizer=sizer,
-        pacer=Pacer(0),
+        pacer=Pacer(rate),
         save=lambda cursor, done, finished: None,
     )
 
@@ -208,16 +209,7 @@ def test_under_a_rate_ceiling_each_step_carries_about_its_burst(r: redis.Redis) 
             return result
 
         with contextlib.suppress(TimeoutError):
-            drive(
-                step,
-                stage="copy",
-                cursor="0",
-                done=0,
-                total=None,
-                sizer=sizer,
-                pacer=Pacer(rate),
-                save=lambda cursor, done, finished: None,
-            )
+            _copy_all(copier, sizer, rate=rate, step=step)
     burst = 250  # 1000/s for a quarter second
     assert all(0 < n <= 2 * burst for n in steps["ceiling"]), steps
     assert max(steps["none"]) >= 1000, steps  # a whole window (20 members x 50 shards)
