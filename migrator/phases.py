@@ -95,6 +95,19 @@ def writes_shards(phase: Phase | None) -> bool:
     )
 
 
+#: What a dual write leaves in a shard in place of a member it deletes while the copy may run:
+#: the copy only inserts members a shard lacks (copier.py), so a delete must not leave a gap
+#: that a value scanned before it could fill. Verify's shard pass removes the marks, after a
+#: barrier past which no shim writes them; reads through the shim never return one. Equal to
+#: ``TOMBSTONE`` in redisio/lua/lib.lua.
+TOMBSTONE = b"\x00migrator:deleted\x00"
+
+
+def marks_deletes(phase: Phase | None) -> bool:
+    """Whether a dual-write delete leaves a TOMBSTONE in the shard: while the copy may run."""
+    return phase in (P.DUAL_WRITE, P.COPYING)
+
+
 def reads_shards_only(phase: Phase | None) -> bool:
     """After cleaning starts the old key is being removed: shards are the truth."""
     return phase in (P.CLEANING, P.DONE)

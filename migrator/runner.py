@@ -55,6 +55,7 @@ class VerifyReport:
     suspects: int = 0
     confirmed: dict[str, int] = field(default_factory=dict)
     repaired: int = 0
+    marks_removed: int = 0  # delete marks left for the copy, removed by the shard passes
 
     @property
     def clean(self) -> bool:
@@ -68,6 +69,7 @@ class VerifyReport:
             "suspects": self.suspects,
             "confirmed": dict(self.confirmed),
             "repaired": self.repaired,
+            "marks_removed": self.marks_removed,
             "clean": self.clean,
         }
 
@@ -374,6 +376,10 @@ class Runner:
         ``diffs`` table as they are found. Runs under the job's lease.
         """
         with self.leased("verify"):
+            if self.refresh().phase == P.VERIFYING:
+                # Until they apply this phase, shims leave a mark for each delete (the copy
+                # needed them); the shard passes remove the marks, so none may still be coming.
+                self.barrier("verify: shims stop marking deletes")
             return self._verify(rounds=rounds, delay=delay, repair=repair, fresh=fresh)
 
     def _verify(self, *, rounds: int, delay: float, repair: bool, fresh: bool) -> VerifyReport:
@@ -392,7 +398,10 @@ class Runner:
         def sink(found: list[Found]) -> None:
             self.store.add_diffs(self.job, run, found, status="suspect")
 
+        marks_before = int(state.get("marks_removed", 0))  # by an earlier process of this run
+
         def extra() -> dict[str, Any]:
+            state["marks_removed"] = marks_before + verifier.marks_removed
             return dict(state)
 
         save = self._saver("verify", extra)
@@ -426,6 +435,7 @@ class Runner:
             save("0", done, False)
         report.source_checked = int(state["source_checked"])
         report.shard_checked = int(state.get("shard_checked", 0))
+        report.marks_removed = marks_before + verifier.marks_removed
         report.suspects = sum(self.store.count_diffs(self.job, run, status="suspect").values())
 
         for _ in range(max(0, rounds - 1)):

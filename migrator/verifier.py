@@ -1,11 +1,12 @@
 """Streamed verification of a Hash migration, both directions, never loading a whole key.
 
 Forward: each source member against its shard (``hash_verify_members.lua``); backward: each
-shard member against its routing and the source (``hash_missing_members.lua``). The runner scans
-(HSCAN) and routes members itself (``routing.py``), so the scripts only read. A pass is a
+shard member against its routing and the source (``hash_missing_members.lua``), removing the
+delete marks the copy needed (``phases.TOMBSTONE``). The runner scans (HSCAN) and routes members
+itself (``routing.py``), so the scripts only read, but for those marks. A pass is a
 :class:`~migrator.stream.CommandStream`, like the copy: small commands, two in flight, the next
-HSCAN riding behind the checks of what the previous one found. Each script is read-only and
-atomic, and reports its own server time for the budget. Later rounds re-check only the suspects
+HSCAN riding behind the checks of what the previous one found. Each script is atomic, and
+reports its own server time for the budget. Later rounds re-check only the suspects
 (``hash_check.lua``), so in-flight writes drop out (RedisFullCheck's method).
 """
 
@@ -66,6 +67,7 @@ class HashVerifier:
             zlib.crc32 if hash_name == "crc32" else HASH_FUNCTIONS[hash_name]
         )
         self._novalues: bool | None = None
+        self.marks_removed = 0  # delete marks the shard passes removed
 
     def _supports_novalues(self, key: str) -> bool:
         """HSCAN ... NOVALUES (Redis 7.4+, Valkey 8+): the scripts read the values themselves."""
@@ -116,7 +118,8 @@ class HashVerifier:
         self, index: int, sink: Callable[[list[Found]], None], sizer: BatchSizer | None = None
     ) -> Callable[[str, int], Step]:
         """Shard ``index`` → source: each member routes here and exists in the source (values
-        of members in both are the forward pass's business: one difference is stored once)."""
+        of members in both are the forward pass's business: one difference is stored once).
+        Delete marks (phases.TOMBSTONE) of members the source lacks are removed on the way."""
         n, h = len(self.shard_keys), self._hash
         name = "hash_missing_members"
         script = self.scripts.script(name)
@@ -125,10 +128,11 @@ class HashVerifier:
             misrouted = [m for m in members if h(m) % n != index]
             routed = [m for m in members if h(m) % n == index]
             # The script runs even with nothing routed here, to report the step's server time.
-            cmd = ["EVALSHA", script.sha, 1, self.source_key, *routed]
+            cmd = ["EVALSHA", script.sha, 2, self.source_key, self.shard_keys[index], *routed]
 
             def finish(reply: Any) -> tuple[float, list[Found]]:
                 missing = [*misrouted, *reply[1]]
+                self.marks_removed += int(reply[2])
                 return float(reply[0]), [(m, "extra_in_shard", index) for m in missing]
 
             return cmd, finish

@@ -35,6 +35,7 @@ from typing import Any
 import redis
 
 from migrator.control import ControlRecord
+from migrator.phases import TOMBSTONE, marks_deletes
 from migrator.routing import shard_of
 from migrator.shim import counters as c
 from migrator.shim.dual import DualCall, DualWriter
@@ -211,6 +212,8 @@ class ShardRouter:
             assert record is not None  # DUAL and SHARDS need a record
             groups = _by_shard(record, items)
             if mode is WriteMode.DUAL or mode is WriteMode.MIRROR:
+                if op == "hdel" and mode is WriteMode.DUAL and marks_deletes(record.phase):
+                    op = "hdel_mark"  # the copy may run: leave a mark (phases.TOMBSTONE)
                 # DualCall's first key is the one written first, whose result the other takes.
                 calls = [
                     DualCall(source, key, [op, *_flat(g)])
@@ -257,12 +260,23 @@ class ShardRouter:
                 return bool(self._client.hexists(source, member))
             assert record is not None
             self._watcher.counters.add(c.READS_SHARD)
-            if self._client.hexists(_shard_key(record, member), member):
+            if self._shard_holds(_shard_key(record, member), member):
                 return True
             if path is ReadPath.SHARD_ONLY:
                 return False
             self._watcher.counters.add(c.FALLBACKS)
             return bool(self._client.hexists(source, member))
+
+    def _shard_holds(self, key: str, member: Any) -> bool:
+        """HEXISTS on a shard, a delete mark (phases.TOMBSTONE) counting as absent: one round
+        trip, and a second only for a value as long as a mark."""
+        pipe = self._client.pipeline(transaction=False)
+        pipe.hexists(key, member)
+        pipe.hstrlen(key, member)
+        exists, length = pipe.execute()
+        if not exists:
+            return False
+        return length != len(TOMBSTONE) or not _is_mark(self._client.hget(key, member))
 
     def hlen(self) -> int:
         """Members in the logical hash: HLEN of the source, or the sum over shards once the
@@ -305,7 +319,10 @@ class ShardRouter:
                 else:
                     key = source
                 cursor, page = self._client.hscan(key, cursor, match=match, count=count)
-            yield from page.items()
+            if on_shards:
+                yield from ((m, v) for m, v in page.items() if not _is_mark(v))
+            else:
+                yield from page.items()
             if int(cursor) == 0:
                 if not on_shards or shard + 1 >= shards:
                     return
@@ -329,8 +346,11 @@ class ShardRouter:
             pipe.hmget(key, [members[i] for i in idx])
         values: list[Any] = [None] * len(members)
         shadow: dict[int, Any] = {}
-        for (_, idx, is_shadow), got in zip(reads, pipe.execute(), strict=True):
+        for (key, idx, is_shadow), got in zip(reads, pipe.execute(), strict=True):
+            on_shard = key != source
             for i, v in zip(idx, got, strict=True):
+                if on_shard and _is_mark(v):
+                    v = None  # a delete made while the copy ran, not yet swept by verify
                 if is_shadow:
                     shadow[i] = v
                 else:
@@ -386,6 +406,14 @@ class ShardRouter:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+_MARKS = (TOMBSTONE, TOMBSTONE.decode())
+
+
+def _is_mark(value: Any) -> bool:
+    """A delete mark (phases.TOMBSTONE), as bytes or as a decoding client returns it."""
+    return value in _MARKS
 
 
 def _shard_key(record: ControlRecord, member: Any) -> str:

@@ -4,8 +4,10 @@
 -- truth from then on). ARGV[1] = op, then the op's arguments; every member named routes to the
 -- one shard key.
 -- Setting the second key to the first one's result (never applying the same delta twice) keeps
--- `shard[f] == source[f]` after every script, which is the invariant the copy relies on
--- (hash_copy_members.lua). Both orders keep it, so instances in neighbouring phases (cutover:
+-- `shard[f] == source[f]` after every script; while the copy may run, a delete leaves a
+-- TOMBSTONE in the shard instead (op hdel_mark). So every member a dual write touched is in
+-- its shard, as a value or a mark, and the copy, which only inserts what a shard lacks, never
+-- touches it again (copier.py has the argument). Both orders keep this, so instances in neighbouring phases (cutover:
 -- source first; cleaning: shard first) may run side by side; shards-only writers run only
 -- beside shard-first ones (Runner.cleanup's second barrier), for which the shard is the truth.
 local op = ARGV[1]
@@ -22,6 +24,17 @@ elseif op == 'hdel' then
   result = redis.call('HDEL', first, unpack(args))
   redis.call('HDEL', second, unpack(args))
   return result
+elseif op == 'hdel_mark' then
+  -- dual_write, copying: every member named is marked, whether or not the source held it, so
+  -- that no value the copy scanned earlier can be inserted after this delete.
+  local args, marks = {}, {}
+  for i = 2, #ARGV do
+    args[#args + 1] = ARGV[i]
+    marks[#marks + 1] = ARGV[i]
+    marks[#marks + 1] = TOMBSTONE
+  end
+  result = redis.call('HDEL', first, unpack(args))
+  redis.call('HSET', second, unpack(marks))
 elseif op == 'hincrby' then
   result = redis.call('HINCRBY', first, ARGV[2], ARGV[3])
   redis.call('HSET', second, ARGV[2], result)

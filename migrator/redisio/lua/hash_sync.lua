@@ -1,9 +1,9 @@
--- Make the named members of the shards equal to the source, atomically. Used for copy
--- leftovers and by verify --repair.
+-- Make the named members of the shards equal to the source, atomically: verify --repair.
 -- KEYS[1] = source, KEYS[2..N+1] = shards.  ARGV = member, found_shard, member, found_shard, ...
 -- found_shard is -1, or the shard a member was seen in (an extra in a wrong shard is removed).
--- The value written is the source's value read in this same script, so, like the copy, it can
--- neither overwrite a newer value nor resurrect a deleted member (see hash_copy_members.lua).
+-- The value written is the source's value read in this same script, so it can neither
+-- overwrite a newer value nor resurrect a deleted member (one the source lacks is removed from
+-- its shard, a delete mark with it).
 -- Returns {members_written, members_removed, elapsed_us}.
 local t0 = now_us()
 local n = #KEYS - 1

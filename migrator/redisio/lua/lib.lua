@@ -1,6 +1,11 @@
 -- Shared helpers, prepended to every migrator script (see migrator/redisio/scripts.py):
 -- time, TTL. Scripts that route members get crc32.lua as well; the others do without it,
 -- since its table would be built again on every call.
+-- What a shim writes into a shard in place of a member it deletes while the copy may run
+-- (dual_write, copying): the copy inserts only what a shard lacks (HSETNX), so a deleted member
+-- must not leave a gap a value scanned before the delete could fill. Equal to
+-- migrator.phases.TOMBSTONE; verify's shard pass removes them (hash_missing_members.lua).
+local TOMBSTONE = "\0migrator:deleted\0"
 local function wall_us()
   local t = redis.call('TIME')
   return tonumber(t[1]) * 1000000 + tonumber(t[2])
