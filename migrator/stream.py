@@ -56,12 +56,29 @@ def spin_seconds() -> float:
     return int_from_env(SPIN_ENV, SPIN_DEFAULT_US, 0, 10_000, " µs") / 1e6
 
 
-#: What was sent, as the subclass tagged it: ("scan", payload) or ("script", payload).
+#: What was sent, as the subclass tagged it: ("scan", payload) for a scan that only feeds the
+#: stream, anything else (("script", ...), ("packet", ...)) for work the step counts.
 Sent = tuple[str, Any]
+
+
+class Packed:
+    """Several commands, packed (RESP) by the subclass and sent in one write: the server reads
+    them together and runs them back to back, so a packet is one slice of the budget. Its
+    replies reach ``_received`` as one list."""
+
+    __slots__ = ("data", "replies")
+
+    def __init__(self, data: bytes, replies: int) -> None:
+        self.data = data
+        self.replies = replies
 
 
 class CommandStream:
     """The streaming loop; subclasses implement the hooks below."""
+
+    #: The server time ``_received`` reports covers all the server did for the command (TIME
+    #: around a packet), not only what a script saw of itself.
+    measures_whole = False
 
     def __init__(
         self,
@@ -82,12 +99,14 @@ class CommandStream:
         self.burst_s = burst_s
         self.step_scripts = max(1, step_scripts)
         self._inflight: deque[Sent] = deque()
+        self._replies: deque[int] = deque()  # replies due for each command in flight (0: one)
         self.most_inflight = 0  # the most commands ever in flight at once (at most ``depth``)
         self.worst_us = 0.0
 
     # -- hooks ---------------------------------------------------------------------------------
-    def _next_command(self, count: int, more: bool) -> tuple[list[Any], Sent] | None:
-        """The next command and its tag, or None when nothing can be sent before a reply.
+    def _next_command(self, count: int, more: bool) -> tuple[list[Any] | Packed, Sent] | None:
+        """The next command (or :class:`Packed` commands) and its tag, or None when nothing can
+        be sent before a reply.
         ``more``: the step is within its limits; past them, only finish what was begun."""
         raise NotImplementedError
 
@@ -151,18 +170,25 @@ class CommandStream:
                         if nxt is None:
                             break
                         cmd, sent = nxt
-                        wire.send(cmd)
+                        if isinstance(cmd, Packed):
+                            wire.send_packed(cmd.data)
+                            self._replies.append(cmd.replies)
+                        else:
+                            wire.send(cmd)
+                            self._replies.append(0)
                         self._inflight.append(sent)
-                        scripts += sent[0] == "script"
+                        scripts += sent[0] != "scan"
                         self.most_inflight = max(self.most_inflight, len(self._inflight))
                 if not self._inflight:
                     break  # all acknowledged, and the step is over or the scan is done
-                reply = wire.read()
+                due = self._replies[0]
+                reply = [wire.read() for _ in range(due)] if due else wire.read()
                 n, elapsed, members = self._received(self._inflight[0], reply)
                 self._inflight.popleft()
+                self._replies.popleft()
                 done += n
                 if self.sizer and members:
-                    self.sizer.observe(elapsed, members)
+                    self.sizer.observe(elapsed, members, whole=self.measures_whole)
                 if elapsed >= worst:
                     worst, worst_members = elapsed, members
         except BaseException:
@@ -173,6 +199,7 @@ class CommandStream:
             for sent in reversed(self._inflight):
                 self._lost(sent)
             self._inflight.clear()
+            self._replies.clear()
             raise
         finally:
             try:

@@ -46,15 +46,18 @@ class BatchSizer:
         # by the loop before each step (scanloop.drive); None without a ceiling.
         self.step_limit: int | None = None
 
-    def observe(self, elapsed_us: float, members: int) -> None:
+    def observe(self, elapsed_us: float, members: int, *, whole: bool = False) -> None:
+        """Size the next command from one that carried ``members`` in ``elapsed_us`` of server
+        time; ``whole``: the time covers all the server did for it (TIME around a packet)."""
         if members <= 0:
             return
-        # The script times itself, but the server's own time for the command (SLOWLOG) also
+        # A script times itself, but the server's own time for the command (SLOWLOG) also
         # counts what happens around the script: argument and reply conversion, Lua garbage
         # collection, freeing what it deleted. Part of it grows with the members the command
         # carries (OUTSIDE_US_PER_MEMBER); the rest, and a busy host stretching all of it, is
         # why the aim is at most 30% of the budget. The per-member cost varies too (value sizes).
-        elapsed_us += OUTSIDE_US_PER_MEMBER * members
+        if not whole:
+            elapsed_us += OUTSIDE_US_PER_MEMBER * members
         per_member = max(elapsed_us / members, 0.05)
         aim_us = self.aim * self.budget_us
         target = int(aim_us / per_member)

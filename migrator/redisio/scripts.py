@@ -16,7 +16,7 @@ import redis
 from redis.commands.core import Script
 
 NAMES = (
-    "hash_copy_members",
+    "hash_follow_ttl",
     "hash_sync",
     "hash_verify_members",
     "hash_missing_members",

@@ -39,6 +39,8 @@ from redis.exceptions import InvalidResponse
 class StreamWire(Protocol):
     def send(self, command: list[Any]) -> None: ...
 
+    def send_packed(self, data: bytes) -> None: ...
+
     def read(self) -> Any: ...
 
     def close(self) -> None: ...
@@ -52,6 +54,9 @@ class PlainWire:
 
     def send(self, command: list[Any]) -> None:
         self.conn.send_packed_command(self.conn.pack_command(*command), check_health=False)
+
+    def send_packed(self, data: bytes) -> None:
+        self.conn.send_packed_command([data], check_health=False)
 
     def read(self) -> Any:
         return self.conn.read_response()
@@ -146,7 +151,10 @@ class Wire:
             self.sock.settimeout(self.timeout)
 
     def send(self, command: list[Any]) -> None:
-        data = memoryview(b"".join(self.conn.pack_command(*command)))
+        self.send_packed(b"".join(self.conn.pack_command(*command)))
+
+    def send_packed(self, packed: bytes) -> None:
+        data = memoryview(packed)
         try:
             while data:
                 try:

@@ -1,6 +1,7 @@
-"""The server-time budget on real servers: a copy script that runs past it stops between shards
-and the rest is sent in smaller scripts; the batch sizer shrinks the next ones; nothing is lost.
-The copy streams small commands, a bounded number in flight, and survives losing them."""
+"""The server-time budget on real servers: a copy packet measures all the server did for it; one
+that runs past the budget shrinks the next ones, so a scan page goes out in smaller packets;
+nothing is lost. The copy streams small packets, a bounded number in flight, and survives
+losing them."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from typing import Any
 
 import redis
 
-from migrator.copier import COPY_SCRIPT, HashCopier
+from migrator.copier import HashCopier
 from migrator.redisio import Scripts
 from migrator.scanloop import drive
 from migrator.stream import DEPTH
@@ -38,46 +39,44 @@ def _copy_all(copier: HashCopier, sizer: BatchSizer, *, rate: float = 0, step: A
     )
 
 
-def test_copy_script_stops_between_shards_once_past_its_budget(r: redis.Redis) -> None:
-    seed_hash(r, "src", 200)
-    scripts = Scripts(r)
-    members = [f"m{i}".encode() for i in range(200)]
-    groups = {k: members[i::20] for i, k in enumerate(_shard_keys()[:20])}  # 20 shards x 10
-    keys = ["src", *groups]
-    args = [0, *(len(g) for g in groups.values()), *(m for g in groups.values() for m in g)]
-    scripts.load(COPY_SCRIPT)
-    sha = scripts.script(COPY_SCRIPT).sha
+def _packet_times(r: redis.Redis, size: int) -> list[float]:
+    """Server time of each packet of a whole copy whose packets carry ``size`` members."""
+    sizer = BatchSizer(size, 1_000_000.0, start=size)  # a budget that never shrinks them
+    copier = HashCopier(r, Scripts(r), "src", _shard_keys(), 1_000_000.0, sizer=sizer)
+    seen: list[float] = []
+    observe = sizer.observe
 
-    done, elapsed = r.evalsha(sha, len(keys), *keys, *args)  # budget 0 µs: over at once
+    def spy(elapsed_us: float, members: int, *, whole: bool = False) -> None:
+        assert whole  # nothing is added for what a script could not see of itself
+        if members == size:
+            seen.append(elapsed_us)
+        observe(elapsed_us, members, whole=whole)
 
-    assert 0 < done < 20  # stopped between shards, some written, the rest left
-    written = [k for k in groups if r.exists(k)]
-    assert written == list(groups)[:done]
-    for k in written:
-        assert sorted(r.hkeys(k)) == sorted(groups[k])
+    sizer.observe = spy  # type: ignore[method-assign]
+    assert _copy_all(copier, sizer) == 4_000
+    r.delete(*_shard_keys())
+    return seen
 
-    budget = 10_000_000
-    done, _ = r.evalsha(sha, len(keys), *keys, budget, *args[1:])
-    assert done == 20 and all(r.exists(k) for k in groups)
+
+def test_a_packet_measures_all_the_server_did_for_it(r: redis.Redis) -> None:
+    """A packet is TIME, its inserts, maybe an HSCAN, TIME: the server runs it back to back, so
+    the two TIMEs bound what it spent, arguments and replies included, and packets that carry
+    more take longer."""
+    seed_hash(r, "src", 4_000)
+    small, large = _packet_times(r, 4), _packet_times(r, 64)
+    assert small and large and all(0 < us < 1_000_000 for us in small + large)
+    assert sorted(large)[len(large) // 2] > sorted(small)[len(small) // 2]
 
 
 def test_a_step_that_overruns_is_split_and_copies_everything(r: redis.Redis) -> None:
+    """A budget no packet can meet: the first one past it cuts the batch to one member, so a
+    scan page (asked for 2 x 500) goes out over many packets, and everything arrives."""
     model = seed_hash(r, "src", 5_000)
-    copier = HashCopier(r, Scripts(r), "src", _shard_keys(), budget_us=1.0, scan=1000)
-    cursor, copied = "0", 0
-    while True:
-        step = copier.step(cursor, 500)
-        copied += step.members
-        cursor = step.cursor
-        if cursor == "0" and not step.members:
-            # The scan's last page came back empty: nothing left to send, the copy is over.
-            # (Where HSCAN's pages fall depends on the table, so this step may or may not come.)
-            assert step.command_members == 0
-            break
-        assert step.elapsed_us > 1.0 and 0 < step.command_members <= 500
-        if cursor == "0":
-            break
-    assert copier.leftover_batches > 0  # scripts past the budget handed their rest on
+    sizer = BatchSizer(500, 1.0, start=500)
+    copier = HashCopier(r, Scripts(r), "src", _shard_keys(), budget_us=1.0, scan=1000, sizer=sizer)
+    copied = _copy_all(copier, sizer)
+    assert sizer.overruns > 0 and sizer.batch == 1
+    assert copier.packets > 4_000  # one member a packet, after the first overrun
     assert copied == 5_000
     assert read_shards(r, "dst:{shard}", SHARDS) == model
 
@@ -92,27 +91,15 @@ def test_overruns_shrink_the_batch_and_the_copy_still_completes(r: redis.Redis) 
     assert read_shards(r, "dst:{shard}", SHARDS) == model
 
 
-def test_copy_within_budget_needs_no_split(r: redis.Redis) -> None:
-    model = seed_hash(r, "src", 2_000)
-    copier = HashCopier(r, Scripts(r), "src", _shard_keys(), budget_us=10_000_000.0, scan=500)
-    cursor = "0"
-    while True:
-        cursor = copier.step(cursor, 500).cursor
-        if cursor == "0":
-            break
-    assert copier.leftover_batches == 0
-    assert read_shards(r, "dst:{shard}", SHARDS) == model
-
-
 def test_resuming_from_any_checkpoint_loses_nothing(r: redis.Redis) -> None:
     """A step's cursor is a checkpoint: what a copier copied before it, plus what a new copier
     copies from it, is the whole source, whichever step the first copier stopped after."""
     model = seed_hash(r, "src", 6_000)
 
     def copier_into(prefix: str) -> HashCopier:
-        # Steps end where windows do: small windows and short steps make many checkpoints.
+        # One packet a step: many checkpoints.
         keys = [f"{prefix}:{i}" for i in range(SHARDS)]
-        return HashCopier(r, Scripts(r), "src", keys, 1000.0, window=250, step_scripts=1)
+        return HashCopier(r, Scripts(r), "src", keys, 1000.0, step_scripts=1)
 
     for stop_after in (1, 2, 5, 9):
         first = copier_into("a")
@@ -143,27 +130,46 @@ def test_the_copy_streams_small_commands_with_a_bounded_number_in_flight(r: redi
     assert read_shards(r, "dst:{shard}", SHARDS) == model
 
 
-def test_every_script_is_shown_to_the_sizer_as_it_returns(r: redis.Redis) -> None:
+def test_every_packet_is_shown_to_the_sizer_as_it_returns(r: redis.Redis) -> None:
     seed_hash(r, "src", 3_000)
-    sizer = BatchSizer(500, 1.0, start=500)  # a budget no script can meet
+    sizer = BatchSizer(500, 1.0, start=500)  # a budget no packet can meet
     copier = HashCopier(r, Scripts(r), "src", _shard_keys(), 1.0, sizer=sizer)
     step = copier.step("0", 500)
     assert step.observed  # so drive() does not count it twice
     assert sizer.overruns >= 2 and sizer.batch == 1  # cut down at the first overrun, and kept
 
 
-def test_a_copy_that_loses_its_scripts_mid_stream_reloads_them_and_loses_nothing(
-    r: redis.Redis,
-) -> None:
+def test_a_copy_whose_connection_drops_mid_stream_loses_nothing(r: redis.Redis) -> None:
+    """Killed with packets in flight: they go out again (an insert is idempotent), from the
+    members the lost packets carried, and the copy completes."""
     model = seed_hash(r, "src", 6_000)
-    copier = HashCopier(r, Scripts(r), "src", _shard_keys(), 1000.0, burst_s=0.0)
-    cursor = copier.step("0", 100).cursor
-    flushes = 0
-    while cursor != "0":
-        if flushes < 3:
-            r.script_flush()  # as after a restart or failover: the next EVALSHA gets NOSCRIPT
-            flushes += 1
-        cursor = copier.step(cursor, 100).cursor
+    copier = HashCopier(r, Scripts(r), "src", _shard_keys(), 1000.0)
+    copier.client.client_setname("copier")
+    sent = 0
+    received = copier._received
+
+    def kill_after_some(sent_: Any, reply: Any) -> Any:
+        nonlocal sent
+        sent += 1
+        if sent in (3, 10, 40):
+            # Kill the copier's own connection while the next packet is in flight.
+            for c in r.client_list():
+                if c["name"] == "copier":
+                    r.client_kill_filter(_id=c["id"])
+        return received(sent_, reply)
+
+    copier._received = kill_after_some  # type: ignore[method-assign]
+    cursor, errors = "0", 0
+    while True:
+        try:
+            cursor = copier.step(cursor, 100).cursor
+        except redis.ConnectionError:
+            errors += 1
+            copier.client.client_setname("copier")
+            continue
+        if cursor == "0":
+            break
+    assert errors >= 1
     assert read_shards(r, "dst:{shard}", SHARDS) == model
 
 
@@ -185,12 +191,12 @@ def test_a_copy_whose_last_scan_finds_nothing_still_finishes(r: redis.Redis) -> 
 
 
 def test_under_a_rate_ceiling_each_step_carries_about_its_burst(r: redis.Redis) -> None:
-    """A step finishes the window it opened, and without a ceiling a window is ~20 members per
-    shard: under a low ceiling that would be one big burst and then a long sleep. With one, the
-    loop caps each step at the ceiling's burst (a quarter second's worth)."""
+    """Without a ceiling a step streams a few dozen packets: under a low ceiling that would be
+    one big burst and then a long sleep. With one, the loop caps each step at the ceiling's
+    burst (a quarter second's worth)."""
     seed_hash(r, "src", 5_000)
     steps: dict[str, list[int]] = {"ceiling": [], "none": []}
-    for name, rate in (("ceiling", 1_000), ("none", 0)):
+    for name, rate in (("ceiling", 200), ("none", 0)):
         copier = HashCopier(
             r,
             Scripts(r),
@@ -210,6 +216,6 @@ def test_under_a_rate_ceiling_each_step_carries_about_its_burst(r: redis.Redis) 
 
         with contextlib.suppress(TimeoutError):
             _copy_all(copier, sizer, rate=rate, step=step)
-    burst = 250  # 1000/s for a quarter second
+    burst = 50  # 200/s for a quarter second
     assert all(0 < n <= 2 * burst for n in steps["ceiling"]), steps
-    assert max(steps["none"]) >= 1000, steps  # a whole window (20 members x 50 shards)
+    assert max(steps["none"]) > 2 * burst, steps
