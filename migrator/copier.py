@@ -24,12 +24,16 @@ replayed binlog) with the delete kept as a mark; unlike a script that re-reads e
 before it writes it, the server spends on a member what a plain HSET costs
 (docs/decisions.md).
 
-The copy is a :class:`~migrator.stream.CommandStream`: a packet is TIME, up to a batch of
-HSETNX, the next HSCAN when the queue runs low, and TIME again, packed by hand and sent in one
-write, so the server runs it back to back and measures it (the two TIMEs); two packets are in
-flight and the application's requests get in between them. A step streams a few dozen packets,
-then inserts what it scanned and reads every reply; the cursor it returns is the end of the last
-scan page whose members were all acknowledged: what a checkpoint may hold.
+The copy is a :class:`~migrator.stream.CommandStream` of packets, each packed by hand and sent
+in one write, so the server runs it back to back, and timed by the server (TIME first and last):
+an insert packet is a batch of HSETNX, a scan packet the next HSCAN (COUNT a batch), sent when
+fewer than two batches are in hand. Both cost about the same per member, so every packet is
+about one slice of the budget (a scan riding with inserts would make every other packet three
+times as long). Two packets are in flight and the application's requests get in between them.
+A step streams a few dozen packets and reads every reply; the cursor it returns is the end of
+the last scan page whose members were all acknowledged, what a checkpoint may hold, and the
+members it counts are those of the pages it completed. What was scanned and not yet sent waits
+for the next step.
 """
 
 from __future__ import annotations
@@ -72,8 +76,8 @@ def _server_us(t0: Any, t1: Any) -> float:
 class HashCopier(CommandStream):
     """Copies ``source_key`` into ``shard_keys`` one :meth:`step` at a time.
 
-    ``sizer`` sizes each packet (members inserted; its HSCAN asks for twice that) and is told
-    what every packet measured; without one, every packet carries the ``count`` passed to
+    ``sizer`` sizes each packet (members inserted, or the COUNT of its HSCAN) and is told what
+    every packet measured; without one, every packet carries the ``count`` passed to
     :meth:`step`. ``scan`` caps an HSCAN's COUNT (the plan's ``copy.batch``).
     """
 
@@ -128,12 +132,13 @@ class HashCopier(CommandStream):
         self._scan_done = False
         self._queue: list[bytes] = []  # scanned, not yet sent: member, value, member, value...
         # Scan pages not yet all acknowledged, oldest first: [members unacknowledged, the
-        # cursor after the page]. Packets take members in page order and are acknowledged in
-        # order, so acknowledgements always count off the oldest page.
+        # cursor after the page, its members]. Packets take members in page order and are
+        # acknowledged in order, so acknowledgements always count off the oldest page.
         self._pages: deque[list[Any]] = deque()
         self._done = False
         self._touched: set[int] = set()  # shards this step inserted into
         self._scanned = 0
+        self._completed = 0  # members of the pages this step completed
 
     def _acknowledge(self, members: int) -> None:
         pages = self._pages
@@ -143,88 +148,92 @@ class HashCopier(CommandStream):
             members -= take
             if pages[0][0]:
                 break
-            self._safe = pages.popleft()[1]
+            _left, self._safe, size = pages.popleft()
+            self._completed += size
             self._done = self._safe == "0"
 
     def _step_limit(self) -> int | None:
         return self.sizer.step_limit if self.sizer else None
 
-    def _scan_command(self, count: int) -> bytes:
-        cur = self._scan_cursor.encode()
-        n = min(2 * count, self.scan)
+    def _scan_packet(self, count: int) -> Packed:
+        n = min(count, self.scan)
         limit = self._step_limit()
         if limit is not None:
             n = min(n, limit)
-        n_ = str(max(1, n)).encode()
-        return self._scan_head + _bulk(cur) + b"$5\r\nCOUNT\r\n" + _bulk(n_)
+        scan = self._scan_head + _bulk(self._scan_cursor.encode()) + b"$5\r\nCOUNT\r\n"
+        return Packed(_TIME + scan + _bulk(str(max(1, n)).encode()) + _TIME, 3)
+
+    def _wants_scan(self, count: int, more: bool) -> bool:
+        if self._scan_done or len(self._queue) >= 4 * count:  # two packets' worth in hand
+            return False
+        if any(kind == "scan" for kind, _ in self._inflight):
+            return False  # each scan starts where the previous one ended
+        if self._safe == "0" and not self._pages:
+            return True  # a fresh copy's first step scans until it has a page
+        limit = self._step_limit()  # under a rate ceiling, a step scans about its burst
+        return more and (limit is None or self._scanned < limit)
 
     # -- the stream's hooks --------------------------------------------------------------------
-    def _scanning(self) -> bool:
-        return any(scans for _kind, (_items, scans) in self._inflight)
-
     def _next_command(self, count: int, more: bool) -> tuple[Packed, Sent] | None:
+        if self._wants_scan(count, more):
+            return self._scan_packet(count), ("scan", None)
         take = min(count, len(self._queue) // 2)
+        if not take:
+            return None
         items = self._queue[: 2 * take]
         del self._queue[: 2 * take]
-        limit = self._step_limit()  # under a rate ceiling, a step scans about its burst
-        scans = (
-            # (a fresh copy's first step scans until it has a page: "0" is no checkpoint)
-            (
-                (self._safe == "0" and not self._pages)
-                or (more and (limit is None or self._scanned < limit))
-            )
-            and not self._scan_done
-            and len(self._queue) < 4 * count  # fewer than two packets' worth left
-            and not self._scanning()
-        )
-        if not take and not scans:
-            return None
         parts = [_TIME]
-        n, h, heads, touched = len(self.shard_keys), self._hash, self._heads, self._touched
+        n, h, heads = len(self.shard_keys), self._hash, self._heads
+        touched = self._touched if len(self._touched) < n else None
         for i in range(0, len(items), 2):
             m, v = items[i], items[i + 1]
             s = h(m) % n
-            touched.add(s)
+            if touched is not None:
+                touched.add(s)
             parts += (heads[s], b"$%d\r\n%b\r\n$%d\r\n%b\r\n" % (len(m), m, len(v), v))
-        if scans:
-            parts.append(self._scan_command(count))
         parts.append(_TIME)
-        return Packed(b"".join(parts), take + scans + 2), ("packet", (items, scans))
+        return Packed(b"".join(parts), take + 2), ("packet", items)
 
     def _received(self, sent: Sent, reply: Any) -> tuple[int, float, int]:
-        items, scans = sent[1]
-        members = len(items) // 2
-        self.packets += 1
-        inserted = sum(reply[1 : 1 + members])
-        self.inserted += inserted
-        self.present += members - inserted
-        if scans:
-            nxt, found = reply[-2]
+        elapsed = _server_us(reply[0], reply[-1])
+        if sent[0] == "scan":
+            nxt, found = reply[1]
             found = _bytes(found) if found and not isinstance(found[0], bytes) else found
+            scanned = len(found) // 2
             self._queue += found
-            self._scanned += len(found) // 2
+            self._scanned += scanned
             self._scan_cursor = _cursor(nxt)
             self._scan_done = self._scan_cursor == "0"
-            self._pages.append([len(found) // 2, self._scan_cursor])
+            self._pages.append([scanned, self._scan_cursor, scanned])
+            self._acknowledge(0)  # an empty page after acknowledged ones is done at once
+            return 0, elapsed, scanned
+        members = len(sent[1]) // 2
+        self.packets += 1
+        inserted = sum(reply[1:-1])
+        self.inserted += inserted
+        self.present += members - inserted
         self._acknowledge(members)
-        return members, _server_us(reply[0], reply[-1]), members
+        return members, elapsed, members
 
     def _lost(self, sent: Sent) -> None:
         # Called newest first: each packet's members go back in front, in their order. A lost
-        # HSCAN left the cursor where it was: it is sent again.
-        self._queue[0:0] = sent[1][0]
+        # scan left the cursor where it was: it is sent again.
+        if sent[0] == "packet":
+            self._queue[0:0] = sent[1]
 
     def _must_go_on(self) -> bool:
-        # A step ends once what it scanned is inserted, so that its cursor and its count agree
-        # (a resume inserts nothing again that was counted); a fresh copy's first step goes on
-        # until its first page is done, since "0" would mean the copy is finished.
-        return not self._done and (self._safe == "0" or bool(self._queue))
+        # A fresh copy's first step goes on until its first page is done, since "0" would
+        # mean the copy is finished. Otherwise a step may end with members scanned and not yet
+        # sent: they wait for the next step (a paused copy inserts them when it resumes, which
+        # the marks make safe however old the values are), and the step counts only the pages
+        # it completed, so a resume from its cursor inserts nothing again that was counted.
+        return not self._done and self._safe == "0"
 
     def _finished(self) -> bool:
         return self._done
 
     def step(self, cursor: str, count: int) -> Step:
-        """Stream up to ``step_scripts`` packets; return once all are acknowledged.
+        """Stream up to ``step_scripts`` packets; return once all sent are acknowledged.
 
         ``cursor`` is the checkpoint the previous step returned (or the one to resume from).
         Idempotent: re-running a step after a connection error inserts the same members again,
@@ -232,11 +241,13 @@ class HashCopier(CommandStream):
         """
         if cursor != self._safe or self._done:
             self._reset(cursor)
-        self._scanned = 0  # members this step's scans found
-        copied, worst, members = self._stream(count)
+        self._scanned = self._completed = 0  # this step's
+        _acked, worst, members = self._stream(count)
         self._follow_ttl(range(len(self.shard_keys)) if self._done else self._touched)
         self._touched = set()
-        return Step(self._safe or "0", copied, worst, members, observed=self.sizer is not None)
+        return Step(
+            self._safe or "0", self._completed, worst, members, observed=self.sizer is not None
+        )
 
     def _follow_ttl(self, shards: Any) -> None:
         """Give shards the source's deadline where it has one: each shard once, when the copy
