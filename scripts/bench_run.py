@@ -38,7 +38,7 @@ import redis
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench_copy import command_stat  # noqa: E402  (scripts/ is on sys.path as the script's dir)
+from bench_copy import COPY_COMMANDS, command_stat  # noqa: E402  (scripts/ is on sys.path as the script's dir)
 
 from migrator import commands  # noqa: E402
 from migrator.store import open_store  # noqa: E402
@@ -162,7 +162,7 @@ class Slow:
     over_budget: int = 0
     logged: int = 0
     command: str = ""
-    sent: int = 0  # EVALSHA + HSCAN calls while it ran (commandstats)
+    sent: int = 0  # the runner's commands while it ran (commandstats; verify's included)
 
 
 def slowlog(client: redis.Redis, name_prefix: str, budget_us: float) -> Slow:
@@ -306,8 +306,8 @@ ROUND_TARGET = "bench:round:{shard}"
 
 
 def run_point(client: redis.Redis, url: str, pt: Point, seconds: float) -> dict[str, Any]:
-    """Run one point for ``seconds`` into fresh shard keys: members, window, longest script
-    (own clock) and the server's µs per member copied."""
+    """Run one point for ``seconds`` into fresh shard keys: members, window, longest packet
+    (server clock) and the server's µs per member copied."""
     client.unlink(*[ROUND_TARGET.replace("{shard}", str(i)) for i in range(SHARDS)])
     time.sleep(0.3)
     if pt.what == "neighbour":
@@ -626,7 +626,7 @@ def render(r: dict[str, Any]) -> str:
             f"over the rounds: {rounds['idle']['p99_us']} µs.",
             "",
             "| budget | rate ceiling | runner niceness | reply polling | members/s |"
-            " server µs / member | longest script (own clock) | load p50 µs | load p99 µs |"
+            " server µs / member | longest packet (server clock) | load p50 µs | load p99 µs |"
             " p99 / idle, pooled | p99 / idle, round by round |",
             "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
@@ -646,29 +646,28 @@ def render(r: dict[str, Any]) -> str:
 FINDINGS = """\
 ## What the figures say
 
-* **Where the copy's time goes.** The copy streams small commands: HSCANs gathering member
-  names, and scripts that re-read a few dozen members' values and write them to their shards
-  (one HSET per shard per script). The runner routes members itself (zlib's crc32, the shim's
-  contract). Row 1b is the server time each copy spends per member and the rate at which that
-  would keep the server fully busy. A race-safe copy must read every value in the same atomic
-  step that writes it (otherwise a concurrent update is overwritten or a delete resurrected),
-  and that read, with the script around it, is the extra server time over the recipe's plain
-  HSETs. The recipe is bound by its Python client (one command built per member), not by the
-  server. So the copy can only be twice as fast as the recipe where the server has room for
-  it: compare migrator's saturation rate in row 1b with twice the recipe's rate in row 1.
-  At the default slice the server is far from saturated (row 1b's "busy"): a round trip on
-  this host costs more in wake-ups and syscalls than a slice of server work, so the runner's
-  round trips, not the server, set the pace; a larger budget means fewer of them. The runner
-  polls for each reply for a moment before it sleeps (yielding the CPU between polls to any
-  other task that wants it), which spares most of the wake-ups; the tradeoff table's row
-  without polling (`$MIGRATOR_SPIN_US=0`) measures what that is worth.
-* **The budget and the slice.** Each copy command aims at a small slice of the budget (4%:
-  40 µs of the default 1 ms). Scripts time themselves (Valkey: the server's CPU clock, since it
-  freezes TIME inside a script; Redis 7: TIME), the batch sizer keeps them near the slice, and
-  a script past 80% of the budget stops between two shards and hands the rest on. The rare
-  SLOWLOG entries over the budget are outliers the work's size does not explain: the host
-  preempting the server mid-command (SLOWLOG, like Redis 7's TIME, counts wall time; HSCANs
-  show it as well as scripts, the recipe's as well as the runner's) and Lua's garbage collector.
+* **Where the copy's time goes.** The copy streams small packets: each is TIME, a batch of
+  HSETNX (one per member, into its shard, only where the shard lacks the member), the next
+  HSCAN when the runner's queue runs low, and TIME again, packed by hand and sent in one write.
+  The runner routes members itself (zlib's crc32, the shim's contract). Race safety does not
+  cost the server anything per member here: the shim marks deletes while the copy may run, so
+  inserting what the scan read can neither overwrite a newer value nor resurrect a delete
+  (docs/decisions.md). Row 1b is the server time each copy spends per member and the rate at
+  which that would keep the server fully busy; migrator's includes its HSCAN pages, which are
+  smaller than the recipe's. The recipe is bound by its Python client (redis-py builds one
+  command object per member); the copy packs a member in one bytes join. At the default slice
+  the server is still not saturated (row 1b's "busy"): the runner's round trips (wake-ups and
+  syscalls on this host) set the pace; a larger budget means fewer of them. The runner polls
+  for each reply for a moment before it sleeps (yielding the CPU between polls to any other
+  task that wants it); the tradeoff table's row without polling (`$MIGRATOR_SPIN_US=0`)
+  measures what that is worth.
+* **The budget and the slice.** Each packet aims at a small slice of the budget (4%: 40 µs of
+  the default 1 ms). The server runs a packet back to back and the two TIMEs around it measure
+  all of it; the batch sizer keeps packets near the slice and halves them after one past 80%
+  of the budget. No single command of the copy is larger than one member or one HSCAN page.
+  The rare SLOWLOG entries over the budget are outliers the work's size does not explain: the
+  host preempting the server mid-command (SLOWLOG, like TIME, counts wall time; HSCANs show it
+  as well as other commands, the recipe's as well as the runner's).
 * **Concurrent p99.** The server runs one command at a time, so a request that arrives during
   a runner command waits for it, and for the runner's next command when that was already
   queued: about two slices. The copier keeps two commands in flight, so the server does not
@@ -683,8 +682,8 @@ FINDINGS = """\
   (a neighbour process that never touches Redis). Idle p99 on such a host moves by tens of µs
   from minute to minute, so the rounds compare each copy with an idle window of the same round
   (rows 1r and 3r, and the table's last column); compare figures from one run only.
-* **Memory.** The runner holds one window of member names and nothing per member copied, so
-  its peak RSS is the same for a 1M- and a 4M-member key.
+* **Memory.** The runner holds a scan page or two and nothing per member copied, so its peak
+  RSS is the same for a 1M- and a 4M-member key.
 """
 
 
@@ -697,14 +696,14 @@ METHOD = """\
   `scripts/bench_recipe.py`: HSCAN COUNT 1000, then one HSET per returned field to shard
   `crc32(field) % 100`, pipelined once per scan step, no throttle. The recipe is *not*
   race-safe (it writes the values its HSCAN saw, so a concurrent update is overwritten and a
-  concurrent delete resurrected); the migrator copy re-reads every value inside the script
-  that writes it.
+  concurrent delete resurrected); the migrator copy inserts only members a shard lacks, beside
+  shims that leave a mark for every delete while it runs.
 * **Server-side duration** — `SLOWLOG` with `slowlog-log-slower-than` at a quarter of the
   budget, entries picked by client name (`migrator:NAME` for the runner, `bench:recipe` for the
-  recipe), against the number of EVALSHA and HSCAN calls the runner made (`INFO
-  commandstats`). SLOWLOG times a command by the wall clock, so a server thread preempted by
-  the OS mid-command shows the preemption too. The tradeoff table's "own clock" column is the
-  longest time a copy script reported for itself.
+  recipe), against the number of commands the runner sent (HSCAN, HSETNX, TIME and EVALSHA;
+  `INFO commandstats`). SLOWLOG times a command by the wall clock, so a server thread
+  preempted by the OS mid-command shows the preemption too. The tradeoff table's "server
+  clock" column is the longest time a copy packet measured (TIME before and after it).
 * **Concurrent p99** — `scripts/bench_load.py`: one connection, one command every 1 ms
   (alternating GET of a small string and HGET of a random member of the source), wall time and
   latency of every call recorded; percentiles over the samples inside each copy's window, idle
@@ -717,7 +716,8 @@ METHOD = """\
   the idle p99 of its own round, and the median over the rounds is reported with the lowest
   and highest; the rates are medians too.
 * **Server time per member** — the `usec` of `INFO commandstats` for the copy's own commands
-  (EVALSHA and HSCAN for migrator, in the interleaved rounds; HSCAN and HSET for the recipe),
+  (HSCAN, HSETNX, TIME and EVALSHA for migrator, in the interleaved rounds; HSCAN and HSET for
+  the recipe),
   over the members copied meanwhile. The load sends only GET and HGET, so it is not counted.
 * **Verify rate** — members of the source per second of the `verifying` phase, which reads the
   source → shards direction and the shards → source direction once each, then re-checks
@@ -742,7 +742,15 @@ def main() -> int:
         "--rounds", type=int, default=4, help="interleaved rounds of every point; 0 skips them"
     )
     ap.add_argument("--round-seconds", type=float, default=4.0, help="per point and round")
+    ap.add_argument(
+        "--render", metavar="RESULT_JSON", help="only re-render --out from a run's raw figures"
+    )
     args = ap.parse_args()
+    if args.render:
+        result = json.loads(Path(args.render).read_text())
+        result["method"] = METHOD
+        Path(args.out).write_text(render(result))
+        return 0
 
     binary: ServerBinary | None = None
     if args.server_bin:
@@ -784,10 +792,10 @@ def main() -> int:
         reset_logs(client, int(BUDGET_MS * 250))
         plan = write_plan(work / "copy.yaml", server.url, "bench-copy", SOURCE, TARGET)
         log("migrator plan apply (copy + verify) ...")
-        calls = command_stat(client, "calls", "evalsha", "hscan")
+        calls = command_stat(client, "calls", *COPY_COMMANDS)
         mig = run_apply(plan, f"sqlite:///{work}/state.db", "bench-copy")
         mig_slow = slowlog(client, "migrator:bench-copy", BUDGET_MS * 1000)
-        mig_slow.sent = command_stat(client, "calls", "evalsha", "hscan") - calls
+        mig_slow.sent = command_stat(client, "calls", *COPY_COMMANDS) - calls
         log(f"  copy {mig.copy_s:.1f}s, verify {mig.verify_s:.1f}s, RSS {mig.rss_mib:.0f} MiB")
 
         # 1, 2, 3 — the recipe under the same load, after more idle time.
