@@ -7,8 +7,8 @@ under live writes because of what the shim does from ``dual_write`` until the co
 (``hash_dual.lua``, one atomic script per call):
 
 * every write (HSET, HINCRBY, HSETNX, ...) updates the source and sets the shard to the source's
-  resulting value; every delete removes the member from the source and leaves a mark
-  (``phases.TOMBSTONE``) in its shard.
+  resulting value; every delete removes the member from the source and, where the source held
+  it, leaves a mark (``phases.TOMBSTONE``) in its shard.
 
 So every member a shim touched since the copy began is in its shard, as a value or a mark, and
 an insert of it is a no-op. The copy thus
@@ -26,8 +26,9 @@ before it writes it, the server spends on a member what a plain HSET costs
 
 The copy is a :class:`~migrator.stream.CommandStream` of packets, each packed by hand and sent
 in one write, so the server runs it back to back, and timed by the server (TIME first and last):
-an insert packet is a batch of HSETNX, a scan packet the next HSCAN (COUNT a batch), sent when
-fewer than two batches are in hand. Both cost about the same per member, so every packet is
+an insert packet is a batch of HSETNX, a scan packet the next HSCAN (COUNT a batch), after an
+EXISTS of the source (the copy stops if it has vanished), sent when fewer than two batches are
+in hand. Both cost about the same per member, so every packet is
 about one slice of the budget (a scan riding with inserts would make every other packet three
 times as long). Two packets are in flight and the application's requests get in between them.
 A step streams a few dozen packets and reads every reply; the cursor it returns is the end of
@@ -45,6 +46,7 @@ from typing import Any
 
 import redis
 
+from migrator.errors import SourceVanished
 from migrator.redisio.scripts import Scripts
 from migrator.routing import HASH_FUNCTIONS
 from migrator.scanloop import Step
@@ -118,6 +120,7 @@ class HashCopier(CommandStream):
         # Each shard's HSETNX up to its member: the packet's bytes are joined, not formatted.
         self._heads = [b"*4\r\n$6\r\nHSETNX\r\n" + _bulk(k.encode()) for k in self.shard_keys]
         self._scan_head = b"*5\r\n$5\r\nHSCAN\r\n" + _bulk(source_key.encode())
+        self._exists = b"*2\r\n$6\r\nEXISTS\r\n" + _bulk(source_key.encode())
         self._reset("0")
         self.inserted = 0  # members the copy put into a shard
         self.present = 0  # members a shard already held (a dual write's value, or a mark)
@@ -161,7 +164,8 @@ class HashCopier(CommandStream):
         if limit is not None:
             n = min(n, limit)
         scan = self._scan_head + _bulk(self._scan_cursor.encode()) + b"$5\r\nCOUNT\r\n"
-        return Packed(_TIME + scan + _bulk(str(max(1, n)).encode()) + _TIME, 3)
+        scan += _bulk(str(max(1, n)).encode())
+        return Packed(_TIME + self._exists + scan + _TIME, 4)
 
     def _wants_scan(self, count: int, more: bool) -> bool:
         if self._scan_done or len(self._queue) >= 4 * count:  # two packets' worth in hand
@@ -197,7 +201,15 @@ class HashCopier(CommandStream):
     def _received(self, sent: Sent, reply: Any) -> tuple[int, float, int]:
         elapsed = _server_us(reply[0], reply[-1])
         if sent[0] == "scan":
-            nxt, found = reply[1]
+            if not reply[1]:
+                # Expired (its shards expire with it) or deleted outside the shim: inserts of
+                # what was scanned would bring members back, in shards without a deadline.
+                raise SourceVanished(
+                    f"the source key {self.source_key} disappeared during the copy (it expired, "
+                    "or was deleted outside the shim)",
+                    hint="the job stops here; `migrator rollback NAME` removes the shards",
+                )
+            nxt, found = reply[2]
             found = _bytes(found) if found and not isinstance(found[0], bytes) else found
             scanned = len(found) // 2
             self._queue += found
@@ -254,10 +266,12 @@ class HashCopier(CommandStream):
         first inserts into it, and all of them at the end (the source may have got a deadline
         meanwhile)."""
         todo = [s for s in shards if self._done or s not in self._ttl_done]
-        self._ttl_done.update(todo)
         for i in range(0, len(todo), _TTL_CHUNK):
-            keys = [self.source_key, *(self.shard_keys[s] for s in todo[i : i + _TTL_CHUNK])]
-            self.scripts.hash_follow_ttl(keys, [])
+            chunk = todo[i : i + _TTL_CHUNK]
+            self.scripts.hash_follow_ttl(
+                [self.source_key, *(self.shard_keys[s] for s in chunk)], []
+            )
+            self._ttl_done.update(chunk)
 
     def sync(self, members: Sequence[bytes], *, chunk: int = 100, found: int = -1) -> float:
         """Make ``members`` in the shards equal to the source; return the largest server time."""

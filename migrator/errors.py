@@ -70,6 +70,10 @@ class RedisUnavailable(MigratorError):
     """The Redis server could not be reached, or refused a command."""
 
 
+class SourceVanished(MigratorError):
+    """The source key disappeared (expired, or deleted outside the shim) while it was copied."""
+
+
 class BarrierTimeout(MigratorError):
     """Live application instances did not acknowledge the published epoch in time."""
 

@@ -376,10 +376,11 @@ class Runner:
         ``diffs`` table as they are found. Runs under the job's lease.
         """
         with self.leased("verify"):
-            if self.refresh().phase == P.VERIFYING:
-                # Until they apply this phase, shims leave a mark for each delete (the copy
-                # needed them); the shard passes remove the marks, so none may still be coming.
-                self.barrier("verify: shims stop marking deletes")
+            # Shims leave a mark for each delete until they apply a phase past copying (the
+            # copy needed them); the shard passes remove the marks, so none may still be
+            # coming. Any epoch after copying will do, and in a settled job this returns at once.
+            self.refresh()
+            self.barrier("verify: shims stop marking deletes")
             return self._verify(rounds=rounds, delay=delay, repair=repair, fresh=fresh)
 
     def _verify(self, *, rounds: int, delay: float, repair: bool, fresh: bool) -> VerifyReport:
@@ -574,6 +575,15 @@ class Runner:
         """From cutover: shims stop writing the old key (barrier), then the old key goes."""
         job = self.refresh()
         if job.phase == P.CUTOVER:
+            swept = self.store.get_checkpoint(self.job, "verify")
+            if swept is None or not swept.finished:
+                # Reached with set-ratio --force: the shards may still hold the delete marks the
+                # copy needed, which the shards-only phases would treat as values.
+                raise IllegalTransition(
+                    f"job {self.name} has no finished verify run; cleanup needs one, since "
+                    f"verify removes the delete marks the copy left in the shards "
+                    f"(migrator verify {self.name} first)"
+                )
             self.move(P.CLEANING, detail=detail, expect=P.CUTOVER)
         elif job.phase != P.CLEANING:
             raise IllegalTransition(

@@ -34,9 +34,9 @@ class TimeUp(Exception):
     pass
 
 
-#: The commands the copy sends (HSETNX and HSCAN in packets between two TIMEs; EVALSHA to give
-#: shards the source's deadline): what INFO commandstats counts as the copy's.
-COPY_COMMANDS = ("hscan", "hsetnx", "time", "evalsha")
+#: The commands the copy sends (HSETNX, EXISTS and HSCAN in packets between two TIMEs; EVALSHA
+#: to give shards the source's deadline): what INFO commandstats counts as the copy's.
+COPY_COMMANDS = ("hscan", "hsetnx", "time", "exists", "evalsha")
 
 
 def command_stat(client: Any, stat: str, *names: str) -> int:

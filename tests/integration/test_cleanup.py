@@ -12,6 +12,7 @@ import pytest
 import redis
 
 from migrator import commands
+from migrator.store import open_store
 from tests.conftest import run_cli
 from tests.integration.helpers import read_hash, read_shards, seed_hash, write_plan
 from tests.integration.life import (
@@ -67,6 +68,30 @@ def test_cleanup_only_from_cutover_then_unlink(
         if e.kind == "phase"
     ]
     assert phases[-2:] == [("cutover", "cleaning"), ("cleaning", "done")]
+
+
+def test_cleanup_needs_a_finished_verify_which_removes_the_copy_s_delete_marks(
+    redis_server: RedisServer, r: redis.Redis, tmp_path: Path, state_url: str
+) -> None:
+    """A job pushed to cutover without a finished verify (set-ratio --force) may still hold the
+    delete marks the copy needed; the shards-only phases would take them for values. So
+    cleanup is refused (exit 2, nothing touched) until a verify run has finished."""
+    model = _at_cutover(redis_server.url, r, tmp_path, state_url, 2_000)
+    store = open_store(state_url)
+    try:  # as if the verify had been interrupted and the ratio forced
+        store.save_checkpoint(store.get_job(JOB), "verify", "0", 0, finished=False)
+    finally:
+        store.close()
+    env = cli_env(state_url)
+    res = run_cli("cleanup", JOB, env=env)
+    assert res.returncode == 2, res.stderr
+    assert "no finished verify run" in res.stderr and f"migrator verify {JOB}" in res.stderr
+    assert read_hash(r, SOURCE) == model and job_state(state_url)["phase"] == "cutover"
+
+    assert run_cli("verify", JOB, env=env).returncode == 0
+    res = run_cli("cleanup", JOB, env=env)
+    assert res.returncode == 0, res.stderr
+    assert read_shards(r, TEMPLATE, 8) == model
 
 
 def test_cleanup_mode_forces_hdel_even_where_unlink_exists(

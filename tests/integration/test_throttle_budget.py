@@ -8,9 +8,11 @@ from __future__ import annotations
 import contextlib
 from typing import Any
 
+import pytest
 import redis
 
 from migrator.copier import HashCopier
+from migrator.errors import SourceVanished
 from migrator.redisio import Scripts
 from migrator.scanloop import drive
 from migrator.stream import DEPTH
@@ -171,6 +173,19 @@ def test_a_copy_whose_connection_drops_mid_stream_loses_nothing(r: redis.Redis) 
             break
     assert errors >= 1
     assert read_shards(r, "dst:{shard}", SHARDS) == model
+
+
+def test_a_source_that_vanishes_mid_copy_stops_it(r: redis.Redis) -> None:
+    """Expired (its shards expire with it) or deleted outside the shim: inserting what was
+    scanned would bring members back in shards without a deadline, so the copy stops."""
+    seed_hash(r, "src", 3_000)
+    copier = HashCopier(r, Scripts(r), "src", _shard_keys(), 1000.0, scan=100, step_scripts=1)
+    cursor = copier.step("0", 50).cursor
+    assert cursor != "0"
+    r.delete("src")
+    with pytest.raises(SourceVanished, match="disappeared during the copy"):
+        while cursor != "0":
+            cursor = copier.step(cursor, 50).cursor
 
 
 def test_a_copy_whose_last_scan_finds_nothing_still_finishes(r: redis.Redis) -> None:

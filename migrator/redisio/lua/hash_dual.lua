@@ -25,16 +25,17 @@ elseif op == 'hdel' then
   redis.call('HDEL', second, unpack(args))
   return result
 elseif op == 'hdel_mark' then
-  -- dual_write, copying: every member named is marked, whether or not the source held it, so
-  -- that no value the copy scanned earlier can be inserted after this delete.
-  local args, marks = {}, {}
+  -- dual_write, copying: a member the source held is marked in the shard, so that no value
+  -- the copy scanned before this delete can be inserted after it. (One the source lacked was
+  -- marked by the delete that removed it, or never scanned.) One member per call: no limit on
+  -- how many a delete names.
+  result = 0
   for i = 2, #ARGV do
-    args[#args + 1] = ARGV[i]
-    marks[#marks + 1] = ARGV[i]
-    marks[#marks + 1] = TOMBSTONE
+    if redis.call('HDEL', first, ARGV[i]) == 1 then
+      result = result + 1
+      redis.call('HSET', second, ARGV[i], TOMBSTONE)
+    end
   end
-  result = redis.call('HDEL', first, unpack(args))
-  redis.call('HSET', second, unpack(marks))
 elseif op == 'hincrby' then
   result = redis.call('HINCRBY', first, ARGV[2], ARGV[3])
   redis.call('HSET', second, ARGV[2], result)
