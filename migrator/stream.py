@@ -2,15 +2,16 @@
 
 The server runs one command at a time, so what an application request waits for behind the
 runner is the command running when it arrives and, at most, the ones queued behind it. A
-:class:`CommandStream` therefore sends small commands (each sized by the batch sizer to
-``throttle.SLICE`` of the budget) and keeps :data:`DEPTH` of them in flight on its own
-connection: the next one is on its way while the server runs the current one, so the server
-does not wait for the runner, yet they are not one pipelined batch that the server would run
-back to back, and the application's requests get in between them (docs/decisions.md).
+:class:`CommandStream` therefore sends small commands, or small :class:`Packed` runs of
+commands (each sized by the batch sizer to ``throttle.SLICE`` of the budget), and keeps
+:data:`DEPTH` of them in flight on its own connection: the next one is on its way while the
+server runs the current one, so the server does not wait for the runner, yet they are not one
+pipelined batch that the server would run back to back, and the application's requests get in
+between them (docs/decisions.md).
 
-A step streams up to ``step_scripts`` scripts (for at most ``burst_s``, and under a rate
-ceiling for at most the ceiling's burst of members, but at least one),
-finishes what it began (up to a checkpoint) and reads every reply, so the loop around it
+A step streams up to ``step_scripts`` scripts or packets (for at most ``burst_s``, and under a
+rate ceiling for at most the ceiling's burst of members, but at least one), finishes what it
+must (up to a checkpoint) and reads every reply, so the loop around it
 (``scanloop.drive``: pacing, the rate ceiling, gates, checkpoints) always sees an acknowledged
 state. Subclasses say what to send next and what a reply means; on any error the connection is
 dropped and whatever was in flight is handed back to the subclass to send again (every command
