@@ -29,6 +29,7 @@ from migrator.errors import (
     IllegalTransition,
     Interrupted,
     RedisUnavailable,
+    SourceVanished,
     VerificationFailed,
 )
 from migrator.gates import default_gates
@@ -283,10 +284,14 @@ class Runner:
         return report
 
     def _guard(self, work: Callable[[], T], what: str) -> T:
-        """Run ``work``; a Redis failure stops the job with the checkpoint kept."""
+        """Run ``work``; a Redis failure (or a vanished source) stops the job with the checkpoint
+        kept and says why in `status`."""
         try:
             return work()
         except Interrupted:
+            raise
+        except SourceVanished as e:
+            self.store.update_job(self.name, last_error=f"{what} stopped: {e.message}")
             raise
         except redis.RedisError as e:
             msg = f"{what} stopped: Redis error: {e}"
