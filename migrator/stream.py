@@ -183,7 +183,7 @@ class CommandStream:
                 if not self._inflight:
                     break  # all acknowledged, and the step is over or the scan is done
                 due = self._replies[0]
-                reply = [wire.read() for _ in range(due)] if due else wire.read()
+                reply = wire.read_many(due) if due else wire.read()
                 n, elapsed, members = self._received(self._inflight[0], reply)
                 self._inflight.popleft()
                 self._replies.popleft()

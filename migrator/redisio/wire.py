@@ -43,6 +43,8 @@ class StreamWire(Protocol):
 
     def read(self) -> Any: ...
 
+    def read_many(self, n: int) -> list[Any]: ...
+
     def close(self) -> None: ...
 
 
@@ -60,6 +62,9 @@ class PlainWire:
 
     def read(self) -> Any:
         return self.conn.read_response()
+
+    def read_many(self, n: int) -> list[Any]:
+        return [self.conn.read_response() for _ in range(n)]
 
     def close(self) -> None:
         pass
@@ -182,6 +187,21 @@ class Wire:
                     raise reply
                 return reply
             self._fill()
+
+    def read_many(self, n: int) -> list[Any]:
+        """A packet's ``n`` replies, as :meth:`read` would give them one by one (an error
+        reply raises at once), in one loop: a packet's replies mostly arrive in one read."""
+        out: list[Any] = []
+        gets, append = self.reader.gets, out.append
+        while len(out) < n:
+            reply = gets()
+            if reply is False:
+                self._fill()
+            elif isinstance(reply, redis.RedisError):
+                raise reply
+            else:
+                append(reply)
+        return out
 
     def _fill(self) -> None:
         """Read what the server sent: polling for a while (:class:`Spin`), then sleeping in

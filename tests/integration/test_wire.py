@@ -60,6 +60,30 @@ def test_an_error_reply_raises_redis_py_s_exception_class(r: redis.Redis) -> Non
         r.connection_pool.release(conn)
 
 
+@pytest.mark.parametrize("spin_s", [SPIN_S, 0.0], ids=["polling", "redis-py"])
+def test_a_packet_s_replies_are_read_together(r: redis.Redis, spin_s: float) -> None:
+    conn = _held(r)
+    wire = wire_for(conn, Spin(spin_s))
+    assert isinstance(wire, Wire if spin_s else PlainWire)
+    # Large enough for its replies to span several socket reads.
+    value = b"v" * 300
+    packet = b"".join(
+        b"*4\r\n$4\r\nHSET\r\n$1\r\nh\r\n$%d\r\n%d\r\n$300\r\n%b\r\n" % (len(str(i)), i, value)
+        for i in range(500)
+    )
+    try:
+        wire.send_packed(packet)
+        assert wire.read_many(500) == [1] * 500
+        wire.send_packed(packet + b"*2\r\n$4\r\nHGET\r\n$1\r\nh\r\n")  # a wrong arity
+        with pytest.raises(redis.ResponseError, match="wrong number of arguments"):
+            wire.read_many(501)  # the replies before it were read and dropped
+        wire.send(["HLEN", "h"])
+        assert wire.read() == 500  # the connection is in step
+    finally:
+        wire.close()
+        r.connection_pool.release(conn)
+
+
 def test_a_slow_reply_sleeps_past_the_spin_and_still_arrives(r: redis.Redis) -> None:
     conn = _held(r)
     spin = Spin(SPIN_S)
