@@ -23,7 +23,7 @@ from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_e
 from migrator import control
 from migrator.cleaner import KeyRemover
 from migrator.control import ControlRecord
-from migrator.copier import HashCopier
+from migrator.copier import HashCopier, hash_copier
 from migrator.errors import (
     BarrierTimeout,
     IllegalTransition,
@@ -341,12 +341,13 @@ class Runner:
         total = cast(int, self.client.hlen(self.plan.source.key))
         self.job = self.store.update_job(self.name, total_members=total)
         sizer = self.sizer(aim=SLICE)
-        copier = HashCopier(
+        copier = hash_copier(
             self.client,
             self.scripts,
             self.plan.source.key,
             self.shard_keys,
             self.budget_us,
+            probe_key=f"migrator:{{{self.name}}}:hsetex-probe",
             hash_name=self.plan.target.hash,
             scan=self.plan.copy_.batch,
             sizer=sizer,

@@ -2,7 +2,7 @@
 
 Usage: bench_copy.py URL SOURCE TEMPLATE SHARDS BUDGET_MS RATE SECONDS
 
-Runs exactly what ``Runner.copy`` runs (HashCopier driven by scanloop.drive with the batch
+Runs exactly what ``Runner.copy`` runs (the server's copier driven by scanloop.drive with the batch
 sizer, the pacer and the default gates, at the CPU priority of ``migrator plan apply``:
 ``$MIGRATOR_NICE``), minus the state store, for at most SECONDS, with the given server-time
 budget and rate ceiling. Prints ``members started ended worst_us server_us``: wall clock times,
@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from migrator.cli import lower_priority  # noqa: E402
-from migrator.copier import HashCopier  # noqa: E402
+from migrator.copier import hash_copier  # noqa: E402
 from migrator.gates import default_gates  # noqa: E402
 from migrator.redisio import Scripts, connect  # noqa: E402
 from migrator.scanloop import Step, drive  # noqa: E402
@@ -34,9 +34,9 @@ class TimeUp(Exception):
     pass
 
 
-#: The commands the copy sends (HSETNX, EXISTS and HSCAN in packets between two TIMEs; EVALSHA
-#: to give shards the source's deadline): what INFO commandstats counts as the copy's.
-COPY_COMMANDS = ("hscan", "hsetnx", "time", "exists", "evalsha")
+#: The commands the copy sends (HSETNX or HSETEX, EXISTS and HSCAN in packets between two TIMEs;
+#: EVALSHA to give shards the source's deadline): what INFO commandstats counts as the copy's.
+COPY_COMMANDS = ("hscan", "hsetnx", "hsetex", "time", "exists", "evalsha")
 
 
 def command_stat(client: Any, stat: str, *names: str) -> int:
@@ -53,7 +53,15 @@ def main() -> int:
     client = connect(url, name="migrator:bench-sweep")
     keys = [template.replace("{shard}", str(i)) for i in range(shards)]
     sizer = BatchSizer(500, budget_ms * 1000.0, aim=SLICE)
-    copier = HashCopier(client, Scripts(client), source, keys, budget_ms * 1000.0, sizer=sizer)
+    copier = hash_copier(
+        client,
+        Scripts(client),
+        source,
+        keys,
+        budget_ms * 1000.0,
+        sizer=sizer,
+        probe_key="migrator:{bench-sweep}:hsetex-probe",
+    )
     done = 0
     usec = command_stat(client, "usec", *COPY_COMMANDS)
     started = time.time()

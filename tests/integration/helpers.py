@@ -8,8 +8,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
 import redis
 
+from migrator.copier import GroupedHashCopier, HashCopier, insert_group
+from migrator.redisio import Scripts
 from migrator.routing import shard_of
 
 
@@ -73,3 +76,20 @@ def eventually(check: Callable[[], Any], timeout: float = 3.0, what: str = "") -
         if time.monotonic() > deadline:
             raise AssertionError(f"not true within {timeout}s: {what or check}")
         time.sleep(0.02)
+
+
+#: The copy's two ways of inserting: one HSETNX a member (every server), and HSETEX FNX groups
+#: (servers that have it: Valkey 9, Redis 8). Copy tests run both where the server allows.
+INSERTS = ("hsetnx", "hsetex")
+
+
+def make_copier(
+    insert: str, r: redis.Redis, source: str, shard_keys: list[str], *args: Any, **kwargs: Any
+) -> HashCopier:
+    """The copier that inserts ``insert``'s way; skips where the server cannot."""
+    if insert == "hsetnx":
+        return HashCopier(r, Scripts(r), source, shard_keys, *args, **kwargs)
+    group = insert_group(r, len(shard_keys), "migrator:{test}:hsetex-probe")
+    if not group:
+        pytest.skip("this server has no HSETEX ... FNX (Valkey 9, Redis 8): it copies by HSETNX")
+    return GroupedHashCopier(r, Scripts(r), source, shard_keys, *args, group=group, **kwargs)

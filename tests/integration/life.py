@@ -53,7 +53,8 @@ _MORE_ARGS = re.compile(rb" ?\.\.\. \((\d+) more arguments\)$")
 _DELETE_STEP = hashlib.sha1(source("delete_step").encode()).hexdigest().encode()
 #: Commands whose cost is bounded by their arguments (Valkey also logs those a script runs).
 _BOUNDED = {
-    b"HMGET", b"HSET", b"HDEL", b"HGET", b"HEXISTS", b"HSETNX", b"HINCRBY", b"HINCRBYFLOAT",
+    b"HMGET", b"HSET", b"HDEL", b"HGET", b"HEXISTS", b"HSETNX", b"HSETEX", b"HINCRBY",
+    b"HINCRBYFLOAT",
     b"EXISTS", b"TYPE", b"TIME", b"PTTL", b"PEXPIRETIME", b"PEXPIREAT",
 }  # fmt: skip
 

@@ -1,11 +1,12 @@
 """The copy against writes made between its scan and its insert, through the real shim.
 
-The copy reads a page of members with their values (HSCAN), and inserts them (HSETNX) a packet
-later. Here, in that gap, the shim overwrites, increments, deletes and deletes-then-re-adds
-members of the page just read. The copy must leave every one of them as the shim left it:
-never the stale value it read (SPEC §1). A second test shows the gap is real: without the
-delete marks the shim leaves while the copy may run, the stale insert resurrects a deleted
-member.
+The copy reads a page of members with their values (HSCAN), and inserts them a packet or more
+later (HSETNX, or groups of HSETEX FNX that fall back to HSETNX where a member is there: both
+ways run where the server has them). Here, in that gap, the shim overwrites, increments, deletes
+and deletes-then-re-adds members of the page just read. The copy must leave every one of them
+as the shim left it: never the stale value it read (SPEC §1). A second test shows the gap is
+real: without the delete marks the shim leaves while the copy may run, the stale insert
+resurrects a deleted member.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from migrator.phases import TOMBSTONE, Phase
 from migrator.redisio import Scripts
 from migrator.shim import ShardRouter
 from migrator.verifier import HashVerifier
-from tests.integration.helpers import read_hash, read_shards
+from tests.integration.helpers import INSERTS, make_copier, read_hash, read_shards
 from tests.integration.shimkit import JOB, SHARDS, SOURCE, TEMPLATE, record
 
 SHARD_KEYS = [TEMPLATE.replace("{shard}", str(i)) for i in range(SHARDS)]
@@ -35,16 +36,24 @@ def router(r: redis.Redis) -> Iterator[ShardRouter]:
         yield router
 
 
-def _racing_copier(r: redis.Redis, router: ShardRouter) -> tuple[HashCopier, dict[str, set[bytes]]]:
+@pytest.fixture(params=INSERTS)
+def insert(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+def _racing_copier(
+    r: redis.Redis, router: ShardRouter, insert: str
+) -> tuple[HashCopier, dict[str, set[bytes]]]:
     """A copier that, as each scan page arrives, has the shim write members of that page before
     the copier inserts them (the values it read are stale from then on)."""
-    copier = HashCopier(r, Scripts(r), SOURCE, SHARD_KEYS, 1000.0, scan=40)
+    copier = make_copier(insert, r, SOURCE, SHARD_KEYS, 1000.0, scan=40)
     raced: dict[str, set[bytes]] = {"set": set(), "incr": set(), "del": set(), "readd": set()}
     received = copier._received
 
     def race(sent: Any, reply: Any) -> Any:
         out = received(sent, reply)
-        page = copier._queue[0::2]  # read just now, not yet inserted
+        # The page read just now, not yet inserted (an insert packet brings no page).
+        page = reply[2][1][0::2] if sent[0] == "scan" else []
         for i, m in enumerate(page):
             kind = ("set", "incr", "del", "readd", None)[i % 5]
             if kind is None or any(m in ms for ms in raced.values()):
@@ -78,10 +87,10 @@ def _seed(r: redis.Redis, n: int) -> dict[bytes, int]:
 
 
 def test_writes_between_scan_and_insert_are_never_undone(
-    r: redis.Redis, router: ShardRouter
+    r: redis.Redis, router: ShardRouter, insert: str
 ) -> None:
     seeded = _seed(r, 600)
-    copier, raced = _racing_copier(r, router)
+    copier, raced = _racing_copier(r, router, insert)
     _copy(copier)
     assert all(len(ms) > 20 for ms in raced.values()), {k: len(v) for k, v in raced.items()}
     shards = read_shards(r, TEMPLATE, SHARDS)
@@ -112,7 +121,7 @@ def test_writes_between_scan_and_insert_are_never_undone(
 
 
 def test_without_delete_marks_a_stale_insert_would_resurrect(
-    r: redis.Redis, router: ShardRouter
+    r: redis.Redis, router: ShardRouter, insert: str
 ) -> None:
     """The same race with the shim in a phase that deletes plainly (as it does once the copy
     is over): the copy inserts the stale value of a member deleted after its scan. This is
@@ -121,7 +130,7 @@ def test_without_delete_marks_a_stale_insert_would_resurrect(
     router._watcher.refresh()  # type: ignore[attr-defined]
     assert router.record is not None and router.record.phase is Phase.VERIFIED
     _seed(r, 200)
-    copier, raced = _racing_copier(r, router)
+    copier, raced = _racing_copier(r, router, insert)
     _copy(copier)
     shards = read_shards(r, TEMPLATE, SHARDS)
     resurrected = [m for m in raced["del"] if m in shards]

@@ -13,13 +13,17 @@ import redis
 
 from migrator.copier import HashCopier
 from migrator.errors import SourceVanished
-from migrator.redisio import Scripts
 from migrator.scanloop import drive
 from migrator.stream import DEPTH
 from migrator.throttle import SLICE, BatchSizer, Pacer
-from tests.integration.helpers import read_shards, seed_hash
+from tests.integration.helpers import INSERTS, make_copier, read_shards, seed_hash
 
 SHARDS = 50
+
+
+@pytest.fixture(params=INSERTS)
+def insert(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
 
 
 def _shard_keys() -> list[str]:
@@ -41,10 +45,10 @@ def _copy_all(copier: HashCopier, sizer: BatchSizer, *, rate: float = 0, step: A
     )
 
 
-def _packet_times(r: redis.Redis, size: int) -> list[float]:
+def _packet_times(r: redis.Redis, insert: str, size: int) -> list[float]:
     """Server time of each packet of a whole copy whose packets carry ``size`` members."""
     sizer = BatchSizer(size, 1_000_000.0, start=size)  # a budget that never shrinks them
-    copier = HashCopier(r, Scripts(r), "src", _shard_keys(), 1_000_000.0, sizer=sizer)
+    copier = make_copier(insert, r, "src", _shard_keys(), 1_000_000.0, sizer=sizer)
     seen: list[float] = []
     observe = sizer.observe
 
@@ -60,22 +64,22 @@ def _packet_times(r: redis.Redis, size: int) -> list[float]:
     return seen
 
 
-def test_a_packet_measures_all_the_server_did_for_it(r: redis.Redis) -> None:
+def test_a_packet_measures_all_the_server_did_for_it(r: redis.Redis, insert: str) -> None:
     """A packet is TIME, its inserts, maybe an HSCAN, TIME: the server runs it back to back, so
     the two TIMEs bound what it spent, arguments and replies included, and packets that carry
     more take longer."""
     seed_hash(r, "src", 4_000)
-    small, large = _packet_times(r, 4), _packet_times(r, 64)
+    small, large = _packet_times(r, insert, 4), _packet_times(r, insert, 64)
     assert small and large and all(0 < us < 1_000_000 for us in small + large)
     assert sorted(large)[len(large) // 2] > sorted(small)[len(small) // 2]
 
 
-def test_a_step_that_overruns_is_split_and_copies_everything(r: redis.Redis) -> None:
+def test_a_step_that_overruns_is_split_and_copies_everything(r: redis.Redis, insert: str) -> None:
     """A budget no packet can meet: the first one past it cuts the batch to one member, so a
     scan page (asked for 2 x 500) goes out over many packets, and everything arrives."""
     model = seed_hash(r, "src", 5_000)
     sizer = BatchSizer(500, 1.0, start=500)
-    copier = HashCopier(r, Scripts(r), "src", _shard_keys(), budget_us=1.0, scan=1000, sizer=sizer)
+    copier = make_copier(insert, r, "src", _shard_keys(), budget_us=1.0, scan=1000, sizer=sizer)
     copied = _copy_all(copier, sizer)
     assert sizer.overruns > 0 and sizer.batch == 1
     assert copier.packets > 4_000  # one member a packet, after the first overrun
@@ -83,9 +87,11 @@ def test_a_step_that_overruns_is_split_and_copies_everything(r: redis.Redis) -> 
     assert read_shards(r, "dst:{shard}", SHARDS) == model
 
 
-def test_overruns_shrink_the_batch_and_the_copy_still_completes(r: redis.Redis) -> None:
+def test_overruns_shrink_the_batch_and_the_copy_still_completes(
+    r: redis.Redis, insert: str
+) -> None:
     model = seed_hash(r, "src", 3_000)
-    copier = HashCopier(r, Scripts(r), "src", _shard_keys(), budget_us=1.0, scan=500)
+    copier = make_copier(insert, r, "src", _shard_keys(), budget_us=1.0, scan=500)
     sizer = BatchSizer(500, 1.0, start=500)
     done = _copy_all(copier, sizer)
     assert done == 3_000
@@ -93,7 +99,7 @@ def test_overruns_shrink_the_batch_and_the_copy_still_completes(r: redis.Redis) 
     assert read_shards(r, "dst:{shard}", SHARDS) == model
 
 
-def test_resuming_from_any_checkpoint_loses_nothing(r: redis.Redis) -> None:
+def test_resuming_from_any_checkpoint_loses_nothing(r: redis.Redis, insert: str) -> None:
     """A step's cursor is a checkpoint: what a copier copied before it, plus what a new copier
     copies from it, is the whole source, whichever step the first copier stopped after."""
     model = seed_hash(r, "src", 6_000)
@@ -101,7 +107,7 @@ def test_resuming_from_any_checkpoint_loses_nothing(r: redis.Redis) -> None:
     def copier_into(prefix: str) -> HashCopier:
         # One packet a step: many checkpoints.
         keys = [f"{prefix}:{i}" for i in range(SHARDS)]
-        return HashCopier(r, Scripts(r), "src", keys, 1000.0, step_scripts=1)
+        return make_copier(insert, r, "src", keys, 1000.0, step_scripts=1)
 
     for stop_after in (1, 2, 5, 9):
         first = copier_into("a")
@@ -117,12 +123,14 @@ def test_resuming_from_any_checkpoint_loses_nothing(r: redis.Redis) -> None:
         r.delete(*[f"{p}:{i}" for p in "ab" for i in range(SHARDS)])
 
 
-def test_the_copy_streams_small_commands_with_a_bounded_number_in_flight(r: redis.Redis) -> None:
+def test_the_copy_streams_small_commands_with_a_bounded_number_in_flight(
+    r: redis.Redis, insert: str
+) -> None:
     """Each command is sized by the sizer at a slice of the budget, and the next is sent while
     the server runs the current one, never more than DEPTH at once."""
     model = seed_hash(r, "src", 8_000)
     sizer = BatchSizer(500, 1000.0, aim=SLICE)
-    copier = HashCopier(r, Scripts(r), "src", _shard_keys(), 1000.0, sizer=sizer)
+    copier = make_copier(insert, r, "src", _shard_keys(), 1000.0, sizer=sizer)
     done = _copy_all(copier, sizer)
     assert done == 8_000
     assert copier.most_inflight == DEPTH
@@ -132,20 +140,22 @@ def test_the_copy_streams_small_commands_with_a_bounded_number_in_flight(r: redi
     assert read_shards(r, "dst:{shard}", SHARDS) == model
 
 
-def test_every_packet_is_shown_to_the_sizer_as_it_returns(r: redis.Redis) -> None:
+def test_every_packet_is_shown_to_the_sizer_as_it_returns(r: redis.Redis, insert: str) -> None:
     seed_hash(r, "src", 3_000)
     sizer = BatchSizer(500, 1.0, start=500)  # a budget no packet can meet
-    copier = HashCopier(r, Scripts(r), "src", _shard_keys(), 1.0, sizer=sizer)
+    copier = make_copier(insert, r, "src", _shard_keys(), 1.0, sizer=sizer)
     step = copier.step("0", 500)
     assert step.observed  # so drive() does not count it twice
     assert sizer.overruns >= 2 and sizer.batch == 1  # cut down at the first overrun, and kept
 
 
-def test_a_copy_whose_connection_drops_mid_stream_loses_nothing(r: redis.Redis) -> None:
+def test_a_copy_whose_connection_drops_mid_stream_loses_nothing(
+    r: redis.Redis, insert: str
+) -> None:
     """Killed with packets in flight: they go out again (an insert is idempotent), from the
     members the lost packets carried, and the copy completes."""
     model = seed_hash(r, "src", 6_000)
-    copier = HashCopier(r, Scripts(r), "src", _shard_keys(), 1000.0)
+    copier = make_copier(insert, r, "src", _shard_keys(), 1000.0)
     copier.client.client_setname("copier")
     sent = 0
     received = copier._received
@@ -175,11 +185,11 @@ def test_a_copy_whose_connection_drops_mid_stream_loses_nothing(r: redis.Redis) 
     assert read_shards(r, "dst:{shard}", SHARDS) == model
 
 
-def test_a_source_that_vanishes_mid_copy_stops_it(r: redis.Redis) -> None:
+def test_a_source_that_vanishes_mid_copy_stops_it(r: redis.Redis, insert: str) -> None:
     """Expired (its shards expire with it) or deleted outside the shim: inserting what was
     scanned would bring members back in shards without a deadline, so the copy stops."""
     seed_hash(r, "src", 3_000)
-    copier = HashCopier(r, Scripts(r), "src", _shard_keys(), 1000.0, scan=100, step_scripts=1)
+    copier = make_copier(insert, r, "src", _shard_keys(), 1000.0, scan=100, step_scripts=1)
     cursor = copier.step("0", 50).cursor
     assert cursor != "0"
     r.delete("src")
@@ -188,7 +198,7 @@ def test_a_source_that_vanishes_mid_copy_stops_it(r: redis.Redis) -> None:
             cursor = copier.step(cursor, 50).cursor
 
 
-def test_a_copy_whose_last_scan_finds_nothing_still_finishes(r: redis.Redis) -> None:
+def test_a_copy_whose_last_scan_finds_nothing_still_finishes(r: redis.Redis, insert: str) -> None:
     seed_hash(r, "src", 2_000)
     batches: list[tuple[int, list[bytes]]] = []
     cursor = 0
@@ -200,21 +210,23 @@ def test_a_copy_whose_last_scan_finds_nothing_still_finishes(r: redis.Redis) -> 
     # Empty the tail: an HSCAN from the last cursor but one now finds nothing, and ends.
     if batches[-1][1]:
         r.hdel("src", *batches[-1][1])
-    copier = HashCopier(r, Scripts(r), "src", _shard_keys(), 1000.0, scan=500)
+    copier = make_copier(insert, r, "src", _shard_keys(), 1000.0, scan=500)
     step = copier.step(str(batches[-2][0]), 250)  # HSCAN COUNT 500, as above
     assert (step.cursor, step.members) == ("0", 0)
 
 
-def test_under_a_rate_ceiling_each_step_carries_about_its_burst(r: redis.Redis) -> None:
+def test_under_a_rate_ceiling_each_step_carries_about_its_burst(
+    r: redis.Redis, insert: str
+) -> None:
     """Without a ceiling a step streams a few dozen packets: under a low ceiling that would be
     one big burst and then a long sleep. With one, the loop caps each step at the ceiling's
     burst (a quarter second's worth)."""
     seed_hash(r, "src", 5_000)
     steps: dict[str, list[int]] = {"ceiling": [], "none": []}
     for name, rate in (("ceiling", 200), ("none", 0)):
-        copier = HashCopier(
+        copier = make_copier(
+            insert,
             r,
-            Scripts(r),
             "src",
             _shard_keys(),
             budget_us=1000.0,
