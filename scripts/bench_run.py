@@ -39,8 +39,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench_copy import COPY_COMMANDS, command_stat  # noqa: E402  (scripts/ is on sys.path as the script's dir)
+from bench_server import measure as server_costs  # noqa: E402
 
 from migrator import commands  # noqa: E402
+from migrator.copier import insert_group  # noqa: E402
 from migrator.store import open_store  # noqa: E402
 from migrator.stream import SPIN_DEFAULT_US  # noqa: E402
 from tests.servers import RedisServer, ServerBinary, discover  # noqa: E402
@@ -310,6 +312,23 @@ def run_point(client: redis.Redis, url: str, pt: Point, seconds: float) -> dict[
     (server clock) and the server's µs per member copied."""
     client.unlink(*[ROUND_TARGET.replace("{shard}", str(i)) for i in range(SHARDS)])
     time.sleep(0.3)
+    cpu = server_cpu(client)
+    out = _run_point(client, url, pt, seconds)
+    cpu = server_cpu(client) - cpu
+    window = out["window"][1] - out["window"][0]
+    out["busy"] = cpu / window if window > 0 else 0.0
+    out["server_cpu_us"] = cpu * 1e6 / out["members"] if out["members"] else 0.0
+    return out
+
+
+def server_cpu(client: redis.Redis) -> float:
+    """The server process's CPU seconds so far (user + system): parsing, replies and the event
+    loop count, not only the commands (which INFO commandstats times)."""
+    info = cast(dict[str, float], client.info("cpu"))
+    return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+
+
+def _run_point(client: redis.Redis, url: str, pt: Point, seconds: float) -> dict[str, Any]:
     if pt.what == "neighbour":
         t0, t1 = cpu_neighbour(seconds)
         return {"members": 0, "window": (t0, t1), "worst": 0.0, "server_us": 0.0}
@@ -410,6 +429,8 @@ def summarise(
                 "rounds": len(rs),
                 "rate_members_s": statistics.median(rates) if pt.what != "neighbour" else None,
                 "server_us": statistics.median(r["server_us"] for r in rs),
+                "server_cpu_us": statistics.median(r["server_cpu_us"] for r in rs),
+                "busy": statistics.median(r["busy"] for r in rs),
                 "worst": max(r["worst"] for r in rs),
                 "p50_us": load["p50_us"],
                 "p99_us": load["p99_us"],
@@ -511,21 +532,62 @@ def round_rows(r: dict[str, Any]) -> tuple[list[str], list[str]]:
 
 
 def server_row(r: dict[str, Any]) -> str:
-    """Row 1b: what each copy costs the server per member, and the rate that would saturate it."""
-    mig, rec = r["server_us"]["migrator"], r["server_us"]["recipe"]
-    rates = {"migrator": r["server_us"].get("migrator_rate"), "recipe": r["copy"]["recipe"]}
+    """Row 1b: what each copy costs the server per member (its commands, and all its CPU), and
+    how busy the copy kept it."""
+    su = r["server_us"]
 
-    def cell(us: float | None, rate: float | None) -> str:
-        if not us:
+    def cell(cmd: float | None, cpu: float | None, busy: float | None) -> str:
+        if not cmd:
             return "—"
-        busy = f"; busy {us * rate / 1e4:.0f}% of the copy" if rate else ""
-        return f"{us:.2f} µs (server saturated at {1e6 / us:,.0f}/s{busy})"
+        if cpu is None:  # a run from before the CPU was measured
+            return f"{cmd:.2f} µs"
+        return f"{cmd:.2f} µs of commands, {cpu:.2f} µs of CPU; server busy {busy:.0%}"
 
-    return (
-        "| 1b | server time per member copied (INFO commandstats; the migrator figure from the "
-        f"interleaved rounds' default row) | {cell(mig, rates['migrator'])} | "
-        f"{cell(rec, rates['recipe'])} | {ratio(mig, rec)} |"
+    mine = cell(su["migrator"], su.get("migrator_cpu"), su.get("migrator_busy"))
+    theirs = cell(su["recipe"], su.get("recipe_cpu"), su.get("recipe_busy"))
+    cpu_ratio = ratio(
+        su.get("migrator_cpu") or su["migrator"], su.get("recipe_cpu") or su["recipe"]
     )
+    return (
+        "| 1b | the server per member copied: its commands' time (INFO commandstats) and its CPU "
+        "(INFO cpu: parsing and replies too), and how busy the copy kept it (migrator: the "
+        f"interleaved rounds' default row) | {mine} | {theirs} | {cpu_ratio} |"
+    )
+
+
+def cost_lines(r: dict[str, Any]) -> list[str]:
+    """The server-cost section: each way of reading and writing, and what that means for the
+    copy's speed (the server runs one command at a time: its CPU is the ceiling)."""
+    rows = r.get("server_cost") or []
+    if not rows:
+        return []
+    lines = [
+        "",
+        "## What the server spends per member",
+        "",
+        "`scripts/bench_server.py`, on the bench's server with nothing else running: 200,000",
+        "members of the source written into 100 fresh shard keys each way, ten commands (or 300",
+        "members) sent per write so that the server never waits. CPU is the server process's",
+        "(INFO cpu), commands' time is INFO commandstats'.",
+        "",
+        "| way | server CPU µs / member | commands' µs / member | race-safe |",
+        "|---|---|---|---|",
+    ]
+    for row in rows:
+        safe = {True: "yes", False: "no", None: "(a read)"}[row["race_safe"]]
+        lines.append(f"| {row['way']} | {row['cpu_us']:.2f} | {row['cmd_us']:.2f} | {safe} |")
+    su = r["server_us"]
+    mine, recipe_rate = su.get("migrator_cpu"), r["copy"]["recipe"]
+    if mine:
+        need = 2 * recipe_rate * mine / 1e6
+        lines += [
+            "",
+            f"The copy inserts by **{r.get('insert', 'HSETNX')}**. At the server CPU the default "
+            f"copy spent per member in the rounds ({mine:.2f} µs), a copy at twice the recipe's "
+            f"whole-copy rate ({2 * recipe_rate:,.0f}/s) would keep the server's one thread "
+            f"**{need:.0%}** busy, before the application's own requests.",
+        ]
+    return lines
 
 
 def render(r: dict[str, Any]) -> str:
@@ -626,19 +688,23 @@ def render(r: dict[str, Any]) -> str:
             f"over the rounds: {rounds['idle']['p99_us']} µs.",
             "",
             "| budget | rate ceiling | runner niceness | reply polling | members/s |"
-            " server µs / member | longest packet (server clock) | load p50 µs | load p99 µs |"
-            " p99 / idle, pooled | p99 / idle, round by round |",
-            "|---|---|---|---|---|---|---|---|---|---|---|",
+            " server µs / member: commands, CPU | server busy | longest packet (server clock) |"
+            " load p50 µs | load p99 µs | p99 / idle, pooled | p99 / idle, round by round |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for pt in points:
             label = pt["label"] if pt["what"] == "migrator" else f"{pt['label']} | — | — | —"
             rate = f"{pt['rate_members_s']:,.0f}" if pt["rate_members_s"] else "—"
             server = f"{pt['server_us']:.2f}" if pt["server_us"] else "—"
+            if pt.get("server_cpu_us"):
+                server += f", {pt['server_cpu_us']:.2f}"
+            busy = f"{pt['busy']:.0%}" if pt.get("busy") is not None else "—"
             worst = f"{pt['worst']:.0f} µs" if pt["worst"] else "—"
             lines.append(
-                f"| {label} | {rate} | {server} | {worst} | {pt['p50_us']} | {pt['p99_us']} | "
-                f"{pt['pooled_ratio']:.2f}x | {_spread(pt)} |"
+                f"| {label} | {rate} | {server} | {busy} | {worst} | {pt['p50_us']} | "
+                f"{pt['p99_us']} | {pt['pooled_ratio']:.2f}x | {_spread(pt)} |"
             )
+    lines += cost_lines(r)
     lines += ["", FINDINGS, "", r["method"], ""]
     return "\n".join(lines)
 
@@ -646,21 +712,25 @@ def render(r: dict[str, Any]) -> str:
 FINDINGS = """\
 ## What the figures say
 
-* **Where the copy's time goes.** The copy streams small packets: each is TIME, a batch of
-  HSETNX (one per member, into its shard, only where the shard lacks the member), the next
-  HSCAN when the runner's queue runs low, and TIME again, packed by hand and sent in one write.
-  The runner routes members itself (zlib's crc32, the shim's contract). Race safety does not
-  cost the server anything per member here: the shim marks deletes while the copy may run, so
-  inserting what the scan read can neither overwrite a newer value nor resurrect a delete
-  (docs/decisions.md). Row 1b is the server time each copy spends per member and the rate at
-  which that would keep the server fully busy; migrator's includes its HSCAN pages, which are
-  smaller than the recipe's. The recipe is bound by its Python client (redis-py builds one
-  command object per member); the copy packs a member in one bytes join. At the default slice
-  the server is still not saturated (row 1b's "busy"): the runner's round trips (wake-ups and
-  syscalls on this host) set the pace; a larger budget means fewer of them. The runner polls
-  for each reply for a moment before it sleeps (yielding the CPU between polls to any other
-  task that wants it); the tradeoff table's row without polling (`$MIGRATOR_SPIN_US=0`)
-  measures what that is worth.
+* **Where the copy's time goes.** The copy streams small packets: each is TIME, its inserts,
+  or the next HSCAN when the runner runs low on members, and TIME again, packed by hand and
+  sent in one write. The inserts are one HSETNX a member, or, where the server has
+  `HSETEX ... FNX` (Valkey 9, Redis 8), one command for up to 32 members of a shard that sets
+  them all if none is there (and else falls back to HSETNX for each). The runner routes
+  members itself (zlib's crc32, the shim's contract). Race safety costs the server nothing
+  extra per member: the shim marks deletes while the copy may run, so inserting what the scan
+  read can neither overwrite a newer value nor resurrect a delete (docs/decisions.md).
+* **What bounds the speed: the server's one thread.** Row 1b and the server-cost table: a copy
+  costs the server a scan and a write per member, whoever sends them. With one HSETNX (or one
+  HSET) a member, the server's CPU per member is about the recipe's, so migrator's rate over
+  the recipe's is at most how much busier it keeps the server than the recipe does (row 1b).
+  Commands that write many members at once cost a third as much (HSET of 30
+  fields); the only race-safe one is `HSETEX ... FNX`, which servers before Valkey 9 and
+  Redis 8 lack (a script that does the same costs as much as HSETNX: it re-converts every
+  argument). Where the server is saturated, the runner's speed no longer matters; where it is
+  not, the runner's wake-ups and syscalls set the pace: it polls for each reply for a moment
+  before it sleeps (yielding the CPU between polls to any other task that wants it), and the
+  tradeoff table's row without polling (`$MIGRATOR_SPIN_US=0`) measures what that is worth.
 * **The budget and the slice.** Each packet aims at a small slice of the budget (4%: 40 µs of
   the default 1 ms). The server runs a packet back to back and the two TIMEs around it measure
   all of it; the batch sizer keeps packets near the slice and halves them after one past 80%
@@ -716,9 +786,11 @@ METHOD = """\
   the idle p99 of its own round, and the median over the rounds is reported with the lowest
   and highest; the rates are medians too.
 * **Server time per member** — the `usec` of `INFO commandstats` for the copy's own commands
-  (HSCAN, HSETNX, TIME and EVALSHA for migrator, in the interleaved rounds; HSCAN and HSET for
-  the recipe),
-  over the members copied meanwhile. The load sends only GET and HGET, so it is not counted.
+  (HSCAN, HSETNX or HSETEX, EXISTS, TIME and EVALSHA for migrator, in the interleaved rounds;
+  HSCAN and HSET for the recipe), over the members copied meanwhile; and the server process's
+  CPU (`INFO cpu`, user + system) over the same window, which also counts parsing, replies and
+  the event loop, and the load's ~1,000 requests a second (about 1% of the thread). "Server
+  busy" is that CPU over the window's wall time.
 * **Verify rate** — members of the source per second of the `verifying` phase, which reads the
   source → shards direction and the shards → source direction once each, then re-checks
   suspects. Its commands aim at the same slice as the copy's; the load's p99 is taken over
@@ -775,6 +847,8 @@ def main() -> int:
         "big_members": args.big_members,
         "method": METHOD,
     }
+    group = insert_group(client, SHARDS, "migrator:{bench}:hsetex-probe")
+    result["insert"] = f"HSETEX FNX, {group} members of a shard a command" if group else "HSETNX"
     try:
         t = time.monotonic()
         seed(client, SOURCE, args.members)
@@ -804,9 +878,10 @@ def main() -> int:
         i1 = time.time()
         reset_logs(client, int(BUDGET_MS * 250))
         log("recipe copy ...")
-        usec = command_stat(client, "usec", "hscan", "hset")
+        usec, cpu = command_stat(client, "usec", "hscan", "hset"), server_cpu(client)
         copied, r0, r1 = run_recipe(server.url)
         rec_server_us = (command_stat(client, "usec", "hscan", "hset") - usec) / max(copied, 1)
+        rec_cpu = server_cpu(client) - cpu
         rec_slow = slowlog(client, "bench:recipe", BUDGET_MS * 1000)
         log(f"  recipe {copied:,} members in {r1 - r0:.1f}s")
         idle_rounds: list[tuple[float, float]] = []
@@ -815,6 +890,8 @@ def main() -> int:
             log(f"{args.rounds} interleaved rounds of {len(POINTS)} points ...")
             idle_rounds, runs = interleaved(client, server.url, args.rounds, args.round_seconds)
         samples = load.stop()
+        log("the server's cost per member, each way of reading and writing ...")
+        result["server_cost"] = server_costs(client, SOURCE, 200_000)
 
         result["copy"] = {
             "migrator": args.members / mig.copy_s,
@@ -839,7 +916,11 @@ def main() -> int:
         result["server_us"] = {
             "migrator": default[0]["server_us"] if default else None,
             "migrator_rate": default[0]["rate_members_s"] if default else None,
+            "migrator_cpu": default[0]["server_cpu_us"] if default else None,
+            "migrator_busy": default[0]["busy"] if default else None,
             "recipe": rec_server_us,
+            "recipe_cpu": rec_cpu * 1e6 / max(copied, 1),
+            "recipe_busy": rec_cpu / (r1 - r0),
         }
         result["rss"] = {"small": mig.rss_mib}
 
