@@ -11,8 +11,9 @@ from typing import Any
 import pytest
 import redis
 
-from migrator.copier import HashCopier
+from migrator.copier import GroupedHashCopier, HashCopier, hash_copier
 from migrator.errors import SourceVanished
+from migrator.redisio import Scripts, server_info
 from migrator.scanloop import drive
 from migrator.stream import DEPTH
 from migrator.throttle import SLICE, BatchSizer, Pacer
@@ -246,3 +247,24 @@ def test_under_a_rate_ceiling_each_step_carries_about_its_burst(
     burst = 50  # 200/s for a quarter second
     assert all(0 < n <= 2 * burst for n in steps["ceiling"]), steps
     assert max(steps["none"]) > 2 * burst, steps
+
+
+def test_the_copy_inserts_in_groups_where_the_server_can(r: redis.Redis) -> None:
+    """hash_copier asks the server: HSETEX ... FNX (Valkey 9, Redis 8) means groups, and the
+    question writes nothing; with too many shards for a group to pay, one HSETNX a member."""
+    info = server_info(r)
+    major = int(info.version.split(".")[0])
+    can = major >= (9 if info.flavour == "valkey" else 8)
+    model = seed_hash(r, "src", 3_000)
+    copier = hash_copier(r, Scripts(r), "src", _shard_keys(), 1000.0, probe_key="probe:{t}")
+    assert isinstance(copier, GroupedHashCopier) is can
+    assert not r.exists("probe:{t}")
+    r.config_resetstat()
+    _copy_all(copier, BatchSizer(500, 1000.0, aim=SLICE))
+    calls = {k: v["calls"] for k, v in r.info("commandstats").items()}
+    assert bool(calls.get("cmdstat_hsetex")) is can
+    assert read_shards(r, "dst:{shard}", SHARDS) == model
+    many = [f"d:{i}" for i in range(2_000)]
+    assert (
+        type(hash_copier(r, Scripts(r), "src", many, 1000.0, probe_key="probe:{t}")) is HashCopier
+    )
