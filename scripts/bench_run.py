@@ -724,17 +724,20 @@ FINDINGS = """\
   costs the server a scan and a write per member, whoever sends them. With one HSETNX (or one
   HSET) a member, the server's CPU per member is about the recipe's, so migrator's rate over
   the recipe's is at most how much busier it keeps the server than the recipe does (row 1b).
-  Commands that write many members at once cost a third as much (HSET of 30
-  fields); the only race-safe one is `HSETEX ... FNX`, which servers before Valkey 9 and
-  Redis 8 lack (a script that does the same costs as much as HSETNX: it re-converts every
-  argument). Where the server is saturated, the runner's speed no longer matters; where it is
-  not, the runner's wake-ups and syscalls set the pace: it polls for each reply for a moment
-  before it sleeps (yielding the CPU between polls to any other task that wants it), and the
-  tradeoff table's row without polling (`$MIGRATOR_SPIN_US=0`) measures what that is worth.
+  Commands that write many members at once cost a third as much (HSET of 30 fields); the
+  only race-safe one is `HSETEX ... FNX`, which servers before Valkey 9 and Redis 8 lack (a
+  script that does the same costs as much as HSETNX: it re-converts every argument). The
+  closing sentence of the server-cost table says how busy a copy at twice the recipe's rate
+  would keep the server: over 100% means no copy of this kind can reach it there. Where the
+  server is saturated, the runner's speed no longer matters; where it is not, the runner's
+  wake-ups and syscalls set the pace: it polls for each reply for a moment before it sleeps
+  (yielding the CPU between polls to any other task that wants it), and the tradeoff table's
+  row without polling (`$MIGRATOR_SPIN_US=0`) measures what that is worth.
 * **The budget and the slice.** Each packet aims at a small slice of the budget (4%: 40 µs of
   the default 1 ms). The server runs a packet back to back and the two TIMEs around it measure
   all of it; the batch sizer keeps packets near the slice and halves them after one past 80%
-  of the budget. No single command of the copy is larger than one member or one HSCAN page.
+  of the budget. No single command of the copy carries more than one HSCAN page or one
+  insert group (up to 32 members of a shard; one member with HSETNX).
   The rare SLOWLOG entries over the budget are outliers the work's size does not explain: the
   host preempting the server mid-command (SLOWLOG, like TIME, counts wall time; HSCANs show it
   as well as other commands, the recipe's as well as the runner's).
@@ -752,8 +755,9 @@ FINDINGS = """\
   (a neighbour process that never touches Redis). Idle p99 on such a host moves by tens of µs
   from minute to minute, so the rounds compare each copy with an idle window of the same round
   (rows 1r and 3r, and the table's last column); compare figures from one run only.
-* **Memory.** The runner holds a scan page or two and nothing per member copied, so its peak
-  RSS is the same for a 1M- and a 4M-member key.
+* **Memory.** The runner holds a scan page or two (and, inserting in groups, at most 4,096
+  members waiting for their group) and nothing per member copied, so its peak RSS is the same
+  for a 1M- and a 4M-member key.
 """
 
 
@@ -770,10 +774,11 @@ METHOD = """\
   shims that leave a mark for every delete while it runs.
 * **Server-side duration** — `SLOWLOG` with `slowlog-log-slower-than` at a quarter of the
   budget, entries picked by client name (`migrator:NAME` for the runner, `bench:recipe` for the
-  recipe), against the number of commands the runner sent (HSCAN, HSETNX, TIME and EVALSHA;
-  `INFO commandstats`). SLOWLOG times a command by the wall clock, so a server thread
-  preempted by the OS mid-command shows the preemption too. The tradeoff table's "server
-  clock" column is the longest time a copy packet measured (TIME before and after it).
+  recipe), against the number of commands the runner sent (HSCAN, HSETNX or HSETEX, EXISTS,
+  TIME and EVALSHA; `INFO commandstats`). SLOWLOG times a command by the wall clock, so a
+  server thread preempted by the OS mid-command shows the preemption too. The tradeoff
+  table's "server clock" column is the longest time a copy packet measured (TIME before and
+  after it).
 * **Concurrent p99** — `scripts/bench_load.py`: one connection, one command every 1 ms
   (alternating GET of a small string and HGET of a random member of the source), wall time and
   latency of every call recorded; percentiles over the samples inside each copy's window, idle
