@@ -339,9 +339,11 @@ class GroupedHashCopier(HashCopier):
     carries the number of its scan page, and a page is complete (its cursor a checkpoint) once
     all its members and those of every earlier page are acknowledged. A packet carries groups
     (and members refused as part of a group, one HSETNX each) up to the batch size; a batch
-    smaller than a group sends part of one. Buckets that never fill are sent when the scan is
-    over, by a fresh copy's first step, whose first page must be completed, and under a rate
-    ceiling, whose steps complete the pages they scan.
+    smaller than a group sends part of one. Where most of the last 64 groups were refused (the
+    application rewrote most of the key during the copy), groups go as HSETNX, bar every 16th.
+    Buckets that never fill are sent when the scan is over, by a fresh copy's first step, whose
+    first page must be completed, and under a rate ceiling, whose steps complete the pages they
+    scan.
     """
 
     def __init__(self, *args: Any, group: int, **kwargs: Any) -> None:
@@ -360,6 +362,8 @@ class GroupedHashCopier(HashCopier):
         # cursor after the page, its members].
         self._open: dict[int, list[Any]] = {}
         self._page_no = 0
+        self._groups = 0  # groups taken from buckets
+        self._outcomes: deque[bool] = deque(maxlen=64)  # the last HSETEX groups: set, refused
 
     # -- pages ---------------------------------------------------------------------------------
     def _take_page(self, found: list[bytes], scanned: int) -> None:
@@ -447,6 +451,17 @@ class GroupedHashCopier(HashCopier):
     def _flush_partial(self) -> bool:
         return self._scan_done or self._must_go_on() or self._step_limit() is not None
 
+    def _grouping(self) -> bool:
+        """Whether the next group goes as one HSETEX: unless most of the last groups were
+        refused (every member a shim touched is in its shard, so where the application rewrote
+        most of the key during the copy, most groups hold one); every 16th goes regardless, to
+        notice when that changes."""
+        self._groups += 1
+        outcomes = self._outcomes
+        if len(outcomes) < 16 or self._groups % 16 == 0:
+            return True
+        return outcomes.count(False) * 2 <= len(outcomes)
+
     def _take_group(self, s: int, most: int, parts: list[bytes], sent: list[Any]) -> int:
         bucket = self._buckets[s]
         take = min(self.group, most, len(bucket) // 3)
@@ -457,6 +472,15 @@ class GroupedHashCopier(HashCopier):
         self._held -= take
         if len(self._touched) < len(self.shard_keys):
             self._touched.add(s)
+        if not self._grouping():
+            # Most groups lately found a member there: one HSETNX each, without the HSETEX
+            # that would be refused first.
+            head = self._heads[s]
+            for i in range(0, len(items), 3):
+                m, v = items[i], items[i + 1]
+                parts += (head, b"$%d\r\n%b\r\n$%d\r\n%b\r\n" % (len(m), m, len(v), v))
+                sent.append((-1, [m, s, v, items[i + 2]]))
+            return take
         fields = [
             b"$%d\r\n%b\r\n$%d\r\n%b\r\n" % (len(m), m, len(v), v)
             for m, v in zip(items[0::3], items[1::3], strict=True)
@@ -484,6 +508,7 @@ class GroupedHashCopier(HashCopier):
                 acked.append(items[3])
                 continue
             carried += len(items) // 3
+            self._outcomes.append(bool(r))
             if r:
                 self.inserted += len(items) // 3
                 acked += items[2::3]

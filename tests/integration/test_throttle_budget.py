@@ -14,6 +14,7 @@ import redis
 from migrator.copier import GroupedHashCopier, HashCopier, hash_copier
 from migrator.errors import SourceVanished
 from migrator.redisio import Scripts, server_info
+from migrator.routing import shard_of
 from migrator.scanloop import drive
 from migrator.stream import DEPTH
 from migrator.throttle import SLICE, BatchSizer, Pacer
@@ -268,3 +269,22 @@ def test_the_copy_inserts_in_groups_where_the_server_can(r: redis.Redis) -> None
     assert (
         type(hash_copier(r, Scripts(r), "src", many, 1000.0, probe_key="probe:{t}")) is HashCopier
     )
+
+
+def test_where_most_groups_are_refused_the_copy_inserts_one_by_one(r: redis.Redis) -> None:
+    """The application rewrote most of the key during the copy, so most members are in their
+    shards already and most groups would be refused: after a few, groups go as HSETNX (bar
+    every 16th, to notice a change), and the copy still ends equal to the source."""
+    model = seed_hash(r, "src", 6_000)
+    for m, v in model.items():
+        if int(m[1:]) % 5:  # four members in five: a shim put them in their shard already
+            r.hset(f"dst:{shard_of(m, SHARDS)}", m, v)
+    copier = make_copier("hsetex", r, "src", _shard_keys(), 1000.0)
+    r.config_resetstat()
+    _copy_all(copier, BatchSizer(500, 1000.0, aim=SLICE))
+    calls = {k: v["calls"] for k, v in r.info("commandstats").items()}
+    # Groups taken from the buckets (as large as each packet's batch allows): most never went
+    # as HSETEX.
+    assert 0 < calls["cmdstat_hsetex"] < copier._groups // 4
+    assert copier.present == 4_800 and copier.inserted == 1_200
+    assert read_shards(r, "dst:{shard}", SHARDS) == model
