@@ -60,6 +60,8 @@ from migrator.stream import BURST_S, DEPTH, STEP_SCRIPTS, CommandStream, Packed,
 from migrator.throttle import BatchSizer
 
 _TIME = b"*1\r\n$4\r\nTIME\r\n"
+#: A member and its value as bulk strings: what HSETNX and HSETEX take after the key.
+_PAIR = b"$%d\r\n%b\r\n$%d\r\n%b\r\n"
 #: Shards given the source's deadline by one script (each costs a PTTL, under a µs).
 _TTL_CHUNK = 64
 
@@ -179,12 +181,20 @@ class HashCopier(CommandStream):
         scan += _bulk(str(max(1, n)).encode())
         return Packed(_TIME + self._exists + scan + _TIME, 4)
 
+    def _in_hand(self) -> int:
+        """Members ready to go out in inserts."""
+        return len(self._queue) // 2
+
+    def _open_pages(self) -> int:
+        """Scan pages not yet complete."""
+        return len(self._pages)
+
     def _wants_scan(self, count: int, more: bool) -> bool:
-        if self._scan_done or len(self._queue) >= 4 * count:  # two packets' worth in hand
+        if self._scan_done or self._in_hand() >= 2 * count:  # two packets' worth in hand
             return False
         if any(kind == "scan" for kind, _ in self._inflight):
             return False  # each scan starts where the previous one ended
-        if self._safe == "0" and not self._pages:
+        if self._safe == "0" and not self._open_pages():
             return True  # a fresh copy's first step scans until it has a page
         limit = self._step_limit()  # under a rate ceiling, a step scans about its burst
         return more and (limit is None or self._scanned < limit)
@@ -199,14 +209,14 @@ class HashCopier(CommandStream):
         items = self._queue[: 2 * take]
         del self._queue[: 2 * take]
         parts = [_TIME]
-        n, h, heads = len(self.shard_keys), self._hash, self._heads
+        n, h, heads, pair = len(self.shard_keys), self._hash, self._heads, _PAIR
         touched = self._touched if len(self._touched) < n else None
         for i in range(0, len(items), 2):
             m, v = items[i], items[i + 1]
             s = h(m) % n
             if touched is not None:
                 touched.add(s)
-            parts += (heads[s], b"$%d\r\n%b\r\n$%d\r\n%b\r\n" % (len(m), m, len(v), v))
+            parts += (heads[s], pair % (len(m), m, len(v), v))
         parts.append(_TIME)
         return Packed(b"".join(parts), take + 2), ("packet", items)
 
@@ -404,15 +414,8 @@ class GroupedHashCopier(HashCopier):
     def _in_hand(self) -> int:
         return len(self._ready) * self.group + len(self._retry) // 4
 
-    def _wants_scan(self, count: int, more: bool) -> bool:
-        if self._scan_done or self._in_hand() >= 2 * count:
-            return False
-        if any(kind == "scan" for kind, _ in self._inflight):
-            return False
-        if self._safe == "0" and not self._open and not self._held:
-            return True  # a fresh copy's first step scans until it has a page
-        limit = self._step_limit()
-        return more and (limit is None or self._scanned < limit)
+    def _open_pages(self) -> int:
+        return len(self._open)
 
     def _next_command(self, count: int, more: bool) -> tuple[Packed, Sent] | None:
         if self._wants_scan(count, more):
@@ -425,7 +428,7 @@ class GroupedHashCopier(HashCopier):
             item = retry[:4]
             del retry[:4]
             m, s, v = item[0], item[1], item[2]
-            parts += (self._heads[s], b"$%d\r\n%b\r\n$%d\r\n%b\r\n" % (len(m), m, len(v), v))
+            parts += (self._heads[s], _PAIR % (len(m), m, len(v), v))
             sent.append((-1, item))
             members += 1
         buckets, ready = self._buckets, self._ready
@@ -478,12 +481,12 @@ class GroupedHashCopier(HashCopier):
             head = self._heads[s]
             for i in range(0, len(items), 3):
                 m, v = items[i], items[i + 1]
-                parts += (head, b"$%d\r\n%b\r\n$%d\r\n%b\r\n" % (len(m), m, len(v), v))
+                parts += (head, _PAIR % (len(m), m, len(v), v))
                 sent.append((-1, [m, s, v, items[i + 2]]))
             return take
+        pair = _PAIR
         fields = [
-            b"$%d\r\n%b\r\n$%d\r\n%b\r\n" % (len(m), m, len(v), v)
-            for m, v in zip(items[0::3], items[1::3], strict=True)
+            pair % (len(m), m, len(v), v) for m, v in zip(items[0::3], items[1::3], strict=True)
         ]
         parts.append(
             b"*%d\r\n$6\r\nHSETEX\r\n%b$3\r\nFNX\r\n$6\r\nFIELDS\r\n$%d\r\n%d\r\n"
