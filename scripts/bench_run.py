@@ -40,6 +40,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench_copy import COPY_COMMANDS, command_stat  # noqa: E402  (scripts/ is on sys.path as the script's dir)
 from bench_server import measure as server_costs  # noqa: E402
+from bench_server import server_cpu  # noqa: E402
 
 from migrator import commands  # noqa: E402
 from migrator.copier import insert_group  # noqa: E402
@@ -319,13 +320,6 @@ def run_point(client: redis.Redis, url: str, pt: Point, seconds: float) -> dict[
     out["busy"] = cpu / window if window > 0 else 0.0
     out["server_cpu_us"] = cpu * 1e6 / out["members"] if out["members"] else 0.0
     return out
-
-
-def server_cpu(client: redis.Redis) -> float:
-    """The server process's CPU seconds so far (user + system): parsing, replies and the event
-    loop count, not only the commands (which INFO commandstats times)."""
-    info = cast(dict[str, float], client.info("cpu"))
-    return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
 
 
 def _run_point(client: redis.Redis, url: str, pt: Point, seconds: float) -> dict[str, Any]:

@@ -64,7 +64,9 @@ def _command(*args: bytes) -> bytes:
     return b"*%d\r\n" % len(args) + b"".join(_bulk(a) for a in args)
 
 
-def _server_cpu(client: redis.Redis) -> float:
+def server_cpu(client: redis.Redis) -> float:
+    """The server process's CPU seconds so far (user + system): parsing, replies and the event
+    loop count, not only the commands (which INFO commandstats times)."""
     info = cast(dict[str, float], client.info("cpu"))
     return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
 
@@ -99,9 +101,9 @@ class Cost:
     ) -> dict[str, Any]:
         self.client.unlink(*self.keys)
         time.sleep(0.2)  # a lazy free of the last round's keys
-        cpu, usec = _server_cpu(self.client), _command_usec(self.client)
+        cpu, usec = server_cpu(self.client), _command_usec(self.client)
         self._send(commands, per_command)
-        cpu = _server_cpu(self.client) - cpu
+        cpu = server_cpu(self.client) - cpu
         # The two INFO calls are commands too: a few µs against seconds.
         usec = _command_usec(self.client) - usec
         self.client.unlink(*self.keys)
@@ -132,7 +134,7 @@ class Cost:
 def scan_cost(client: redis.Redis, source: str, count: int, members: int) -> dict[str, Any]:
     conn = client.connection_pool.get_connection()
     try:
-        cpu, usec = _server_cpu(client), _command_usec(client)
+        cpu, usec = server_cpu(client), _command_usec(client)
         cursor, seen = b"0", 0
         # Scans go one at a time (each starts at the last one's cursor); the round trips cost
         # the server a wake-up each, which the copy's scans, sent among its inserts, do not.
@@ -142,7 +144,7 @@ def scan_cost(client: redis.Redis, source: str, count: int, members: int) -> dic
             seen += len(found) // 2
             if cursor in (b"0", 0):
                 break
-        cpu = _server_cpu(client) - cpu
+        cpu = server_cpu(client) - cpu
         usec = _command_usec(client) - usec
     finally:
         client.connection_pool.release(conn)
