@@ -18,7 +18,7 @@ from typing import Any
 
 import click
 
-from migrator import commands
+from migrator import commands, control
 from migrator.env import int_from_env
 from migrator.errors import MigratorError
 from migrator.scanloop import Progress
@@ -201,6 +201,8 @@ def _fmt_status(s: dict[str, Any]) -> str:
     )
     for i in live:
         flag = "  LAGGING" if i["lagging"] else ""
+        if i["protocol"] < control.PROTOCOL:
+            flag += f"  OLD SHIM (protocol {i['protocol']}, this release's is {control.PROTOCOL})"
         lines.append(
             f"    {i['id']} {i['host']} pid {i['pid']} epoch {i['epoch']} "
             f"seen {i['age_s']}s ago{flag}"

@@ -195,6 +195,7 @@ def _status_of(store: Store, job: Job) -> dict[str, Any]:
                 "age_s": round(i.age_s, 1),
                 "live": i.live,
                 "lagging": i.live and i.epoch < job.epoch,
+                "protocol": i.protocol,
             }
             for i in control.instances(client, job.name)
         ]

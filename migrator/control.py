@@ -28,6 +28,14 @@ LIVE_WINDOW_S = 5.0
 #: Heartbeat entries older than this are removed by the runner.
 FORGET_AFTER_S = 3600.0
 
+#: What this release's shim does that a runner relies on, sent in every heartbeat. 1: dual
+#: writes and the barrier (shims from before the field existed report none, and count as 1).
+#: 2: from dual_write until the copy is over, a delete leaves a mark in its shard
+#: (``phases.TOMBSTONE``), which the copy's inserts need (copier.py).
+PROTOCOL = 2
+#: The protocol the copy needs of every live shim: deletes that leave marks.
+MARKS_PROTOCOL = 2
+
 
 @dataclass(frozen=True)
 class ControlRecord:
@@ -82,6 +90,7 @@ class Instance:
     started: float
     last_seen_ms: int
     age_s: float
+    protocol: int = 1
 
     @property
     def live(self) -> bool:
@@ -123,6 +132,7 @@ def instances(client: redis.Redis, job: str) -> list[Instance]:
                 float(d.get("started", 0)),
                 seen,
                 (now_ms - seen) / 1000.0,
+                int(d.get("protocol", 1)),
             )
         )
     return sorted(out, key=lambda i: i.id)
@@ -157,6 +167,12 @@ def heartbeat(client: redis.Redis, job: str, instance_id: str, payload: dict[str
 
 def laggards(live: list[Instance], epoch: int) -> list[Instance]:
     return [i for i in live if i.epoch < epoch]
+
+
+def outdated(live: list[Instance], protocol: int) -> list[Instance]:
+    """Live instances whose shim is older than ``protocol`` (a rolling deploy half done, or a
+    process nobody restarted)."""
+    return [i for i in live if i.protocol < protocol]
 
 
 def wait_for_ack(

@@ -13,6 +13,9 @@ reason ``migrator status`` shows. Defaults (:func:`default_gates`):
 * :class:`ReplicaLagGate` — a replica behind by more than 16 MiB of replication stream,
   silent for more than 5 s, or in a full resync.
 
+The copy also asks :class:`ShimProtocolGate`, whatever gates the runner was given: a live app
+instance whose shim is too old for it (its deletes leave no marks) holds the copy.
+
 Gates hold the work; they never fail it: an error while checking is itself a reason to hold.
 """
 
@@ -28,6 +31,7 @@ from pathlib import Path
 
 import redis
 
+from migrator import control
 from migrator.memory import PAUSE_AT, info, mb
 from migrator.throttle import Gate
 
@@ -195,6 +199,38 @@ class ReplicaLagGate(Gate):
         if worst:
             return "replica lag: " + "; ".join(worst)
         return None
+
+
+class ShimProtocolGate(Gate):
+    """Holds while a live app instance runs a shim older than ``need`` (``control.PROTOCOL``).
+
+    The copy inserts only where a shard lacks a member, which is safe because every delete a
+    shim makes meanwhile leaves a mark (copier.py); a shim from before the marks deletes
+    plainly, and the copy could put back a member it deleted. Such an instance is found at
+    the next check (every second); anything it deleted before that and the copy put back,
+    verify reports (and ``verify --repair`` removes).
+    """
+
+    interval = 1.0
+
+    def __init__(self, client: redis.Redis, job: str, *, need: int = control.MARKS_PROTOCOL):
+        self.client = client
+        self.job = job
+        self.need = need
+
+    def check(self) -> str | None:
+        try:
+            old = control.outdated(control.live_instances(self.client, self.job), self.need)
+        except redis.RedisError as e:
+            return f"app instance check failed: {e}"
+        if not old:
+            return None
+        names = ", ".join(f"{i.id} ({i.host} pid {i.pid}, protocol {i.protocol})" for i in old)
+        return (
+            f"app instances with a shim too old for the copy: {names}; it needs protocol "
+            f"{self.need} (deletes leave marks), or it could bring deleted members back: "
+            "upgrade or stop them"
+        )
 
 
 def default_gates(client: redis.Redis, job: str, state_url: str | None) -> list[Gate]:

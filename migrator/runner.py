@@ -32,7 +32,7 @@ from migrator.errors import (
     SourceVanished,
     VerificationFailed,
 )
-from migrator.gates import default_gates
+from migrator.gates import ShimProtocolGate, default_gates
 from migrator.lease import Lease
 from migrator.phases import BEFORE_CLEANING, RATIO_PHASES, Phase, phase_for_ratio
 from migrator.redisio import Scripts, connect, supports_unlink
@@ -235,7 +235,10 @@ class Runner:
         self.store.update_job(self.name, last_error=msg)
         raise BarrierTimeout(msg, hint="check those instances; the step is resumable")
 
-    def pacer(self) -> Pacer:
+    def pacer(self, *, also: Sequence[Gate] = ()) -> Pacer:
+        """The pacer of the runner's loops: the plan's rate ceiling, the operator's controls,
+        the runner's gates, and ``also`` (gates of this loop alone)."""
+
         def controls() -> Controls:
             j = self.store.get_job(self.name)
             if self._phases is not None and j.phase not in self._phases:
@@ -252,7 +255,8 @@ class Runner:
                 if self._gates
                 else default_gates(self.client, self.name, self.store.url)
             )
-        return Pacer(self.plan.copy_.rate, stop=self.stop, controls=controls, gates=self._gate_list)
+        gates = [*self._gate_list, *also]
+        return Pacer(self.plan.copy_.rate, stop=self.stop, controls=controls, gates=gates)
 
     def sizer(self, aim: float = 0.3) -> BatchSizer:
         return BatchSizer(self.plan.copy_.batch, self.budget_us, aim=aim)
@@ -367,7 +371,7 @@ class Runner:
             done=done,
             total=total,
             sizer=sizer,
-            pacer=self.pacer(),
+            pacer=self.pacer(also=[ShimProtocolGate(self.client, self.name)]),
             save=self._saver("copy"),
             report=self._report("copy"),
         )

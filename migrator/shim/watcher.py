@@ -258,6 +258,7 @@ class ControlWatcher:
                 "pid": self.pid,
                 "epoch": epoch,
                 "started": self.started,
+                "protocol": control.PROTOCOL,
             },
         )
 

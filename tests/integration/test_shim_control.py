@@ -59,6 +59,15 @@ def test_attach_registers_a_live_instance_before_any_record(r: redis.Redis, atta
     assert instance.id == users.instance_id
     assert instance.epoch == 0
     assert instance.pid == os.getpid()
+    assert instance.protocol == control.PROTOCOL  # what the runner checks before copying
+
+
+def test_an_instance_that_reports_no_protocol_counts_as_the_first(r: redis.Redis) -> None:
+    # What a shim from before the protocol field heartbeats.
+    control.heartbeat(r, JOB, "old:1:x", {"host": "old", "pid": 1, "epoch": 0, "started": 0})
+    [instance] = control.live_instances(r, JOB)
+    assert instance.protocol == 1
+    assert control.outdated([instance], control.MARKS_PROTOCOL) == [instance]
 
 
 def test_a_ratio_change_is_in_effect_within_two_seconds(r: redis.Redis, attach: Attach) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -14,7 +15,7 @@ from typing import Any
 import pytest
 import redis
 
-from migrator import commands
+from migrator import commands, control
 from migrator.errors import JobNotFound
 from tests.conftest import run_cli
 from tests.integration.helpers import read_shards, seed_hash, write_plan
@@ -153,3 +154,50 @@ def test_pause_file_holds_the_copy_until_removed(
     pause_file.unlink()
     _wait_for("the copy to move again", lambda: _copied(state_url) > held_at, timeout=WITHIN)
     assert _status(state_url)["throttle"] in (None, "rate ceiling 2000/s")
+
+
+def test_a_live_instance_with_a_shim_too_old_holds_the_copy_until_it_is_upgraded(
+    running_copy: tuple[subprocess.Popen[bytes], dict[bytes, bytes]],
+    r: redis.Redis,
+    state_url: str,
+) -> None:
+    """A shim from before delete marks (no protocol in its heartbeat) joins during the copy:
+    the copy holds, and status says which instance and why, until it reports the protocol."""
+    payload: dict[str, Any] = {"host": "app-7", "pid": 4242, "epoch": 0, "started": 0}
+    stop = threading.Event()
+
+    def beat() -> None:  # an app instance heartbeats every half second
+        while not stop.is_set():
+            control.heartbeat(r, JOB, "app-7:4242:old", payload)
+            stop.wait(0.5)
+
+    t = threading.Thread(target=beat, daemon=True)
+    t.start()
+    try:
+        _wait_for(
+            "status to show the old shim",
+            lambda: (_status(state_url)["throttle"] or "").startswith("app instances with a shim"),
+            timeout=3 * WITHIN,  # the gate asks once a second
+        )
+        st = _status(state_url)
+        assert "app-7:4242:old (app-7 pid 4242, protocol 1)" in st["throttle"]
+        assert "needs protocol 2" in st["throttle"]
+        [old] = [i for i in st["instances"] if i["id"] == "app-7:4242:old"]
+        assert old["protocol"] == 1 and old["live"]
+        text = run_cli("status", JOB, "--state", state_url).stdout
+        assert "throttled: app instances with a shim too old for the copy" in text
+        assert "app-7:4242:old app-7 pid 4242 epoch 0" in text
+        assert f"OLD SHIM (protocol 1, this release's is {control.PROTOCOL})" in text
+        held_at = _copied(state_url)
+        time.sleep(1.2)
+        assert _copied(state_url) == held_at, "the copy went on beside a shim without marks"
+
+        payload["protocol"] = control.PROTOCOL  # the instance is upgraded (same id)
+        _wait_for(
+            "the copy to move again",
+            lambda: _copied(state_url) > held_at,
+            timeout=3 * WITHIN,
+        )
+    finally:
+        stop.set()
+        t.join(5)
