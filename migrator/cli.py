@@ -186,6 +186,8 @@ def _fmt_status(s: dict[str, Any]) -> str:
     lines.append(f"  {s['source_key']} -> {s['target_key']} x {s['shards']}")
     total = s["total"] if s["total"] is not None else "?"
     lines.append(f"  copied {s['copied']}/{total} ({s['progress']:.1%})")
+    if s["copy_insert"]:
+        lines.append(f"  copy inserts: {s['copy_insert']}")
     if s["stage"]:
         eta = f", ETA {s['eta_seconds']:.0f}s" if s["eta_seconds"] is not None else ""
         lines.append(f"  working: {s['stage']} at {s['rate']:,.0f} members/s{eta}")

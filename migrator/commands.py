@@ -160,6 +160,7 @@ def _status_of(store: Store, job: Job) -> dict[str, Any]:
         "progress": round(copied / total, 4)
         if total
         else (1.0 if copy_cp and copy_cp.finished else 0.0),
+        "copy_insert": copy_cp.extra.get("insert") if copy_cp else None,
         "stage": stage if working else None,
         "stage_done": cp.members_done if cp else 0,
         "rate": rate if working else 0.0,

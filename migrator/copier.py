@@ -281,6 +281,11 @@ class HashCopier(CommandStream):
             self._safe or "0", self._completed, worst, members, observed=self.sizer is not None
         )
 
+    @property
+    def insert(self) -> str:
+        """How the copy writes, for ``status``."""
+        return "HSETNX, one member a command"
+
     def _follow_ttl(self, shards: Any) -> None:
         """Give shards the source's deadline where it has one: each shard once, when the copy
         first inserts into it, and all of them at the end (the source may have got a deadline
@@ -453,6 +458,14 @@ class GroupedHashCopier(HashCopier):
 
     def _flush_partial(self) -> bool:
         return self._scan_done or self._must_go_on() or self._step_limit() is not None
+
+    @property
+    def insert(self) -> str:
+        outcomes = self._outcomes
+        how = f"HSETEX FNX, up to {self.group} members of a shard a command"
+        if len(outcomes) >= 16 and outcomes.count(False) * 2 > len(outcomes):
+            how += " (most groups lately found a member there: HSETNX, one member a command)"
+        return how
 
     def _grouping(self) -> bool:
         """Whether the next group goes as one HSETEX: unless most of the last groups were

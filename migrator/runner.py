@@ -372,7 +372,7 @@ class Runner:
             total=total,
             sizer=sizer,
             pacer=self.pacer(also=[ShimProtocolGate(self.client, self.name)]),
-            save=self._saver("copy"),
+            save=self._saver("copy", lambda: {"insert": copier.insert}),
             report=self._report("copy"),
         )
 

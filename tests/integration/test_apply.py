@@ -98,6 +98,10 @@ def test_status_json_via_cli(
     ):
         assert field in st
     assert st["phase"] == "verified" and st["total"] == 3000
+    # Which insert this server got is test_throttle_budget.py's business; status says it.
+    assert st["copy_insert"].startswith(("HSETNX, one member", "HSETEX FNX, up to"))
+    text = run_cli("status", "t-job", "--state", state_url).stdout
+    assert f"copy inserts: {st['copy_insert']}" in text
 
 
 def _copy_checkpoint(state_url: str) -> tuple[str, int] | None:

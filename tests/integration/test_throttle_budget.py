@@ -260,6 +260,11 @@ def test_the_copy_inserts_in_groups_where_the_server_can(r: redis.Redis) -> None
     copier = hash_copier(r, Scripts(r), "src", _shard_keys(), 1000.0, probe_key="probe:{t}")
     assert isinstance(copier, GroupedHashCopier) is can
     assert not r.exists("probe:{t}")
+    assert copier.insert == (
+        "HSETEX FNX, up to 32 members of a shard a command"
+        if can
+        else "HSETNX, one member a command"
+    )
     r.config_resetstat()
     _copy_all(copier, BatchSizer(500, 1000.0, aim=SLICE))
     calls = {k: v["calls"] for k, v in r.info("commandstats").items()}
@@ -287,4 +292,7 @@ def test_where_most_groups_are_refused_the_copy_inserts_one_by_one(r: redis.Redi
     # as HSETEX.
     assert 0 < calls["cmdstat_hsetex"] < copier._groups // 4
     assert copier.present == 4_800 and copier.inserted == 1_200
+    assert copier.insert.endswith(
+        "(most groups lately found a member there: HSETNX, one member a command)"
+    )
     assert read_shards(r, "dst:{shard}", SHARDS) == model
