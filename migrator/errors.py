@@ -18,7 +18,8 @@ The tree (exit code in brackets)::
     └── ShimError                      [1]  raised inside applications (migrator/shim/errors.py)
         ├── ShimNotConfigured               no control record yet and no source_key given
         ├── ShimWrongType                   the job's source is not a hash
-        └── ShimClosed                      the router was closed
+        ├── ShimClosed                      the router was closed
+        └── ShimReservedValue               the value written is migrator's delete mark
 
 Errors become exit codes in exactly one place: :func:`migrator.cli.main`.
 """

@@ -21,7 +21,13 @@ Modules: :mod:`~migrator.shim.routes` (phase → keys, pure), :mod:`~migrator.sh
 :mod:`~migrator.shim.hash_router` (the Hash commands).
 """
 
-from migrator.shim.errors import ShimClosed, ShimError, ShimNotConfigured, ShimWrongType
+from migrator.shim.errors import (
+    ShimClosed,
+    ShimError,
+    ShimNotConfigured,
+    ShimReservedValue,
+    ShimWrongType,
+)
 from migrator.shim.hash_router import Loader, ShardRouter
 from migrator.shim.routes import ReadPath, WriteMode
 
@@ -30,6 +36,7 @@ __all__ = [
     "ReadPath",
     "ShardRouter",
     "ShimClosed",
+    "ShimReservedValue",
     "ShimError",
     "ShimNotConfigured",
     "ShimWrongType",

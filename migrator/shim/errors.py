@@ -6,7 +6,8 @@
     └── ShimError                  the shim cannot serve this call
         ├── ShimNotConfigured      no control record yet and no ``source_key=`` given to attach
         ├── ShimWrongType          the control record describes a source of another type
-        └── ShimClosed             the router was closed
+        ├── ShimClosed             the router was closed
+        └── ShimReservedValue      the value written is migrator's delete mark
 
 Redis errors (``redis.RedisError``) pass through unchanged, as they would from redis-py.
 """
@@ -30,3 +31,8 @@ class ShimWrongType(ShimError):
 
 class ShimClosed(ShimError):
     """close() was called; the router no longer refreshes its routing and refuses calls."""
+
+
+class ShimReservedValue(ShimError):
+    """A write of ``phases.TOMBSTONE``, the value that marks a delete in a shard while the copy
+    runs: reads through the shim would take it for an absent member."""

@@ -39,7 +39,7 @@ from migrator.phases import TOMBSTONE, marks_deletes
 from migrator.routing import shard_of
 from migrator.shim import counters as c
 from migrator.shim.dual import DualCall, DualWriter
-from migrator.shim.errors import ShimNotConfigured, ShimWrongType
+from migrator.shim.errors import ShimNotConfigured, ShimReservedValue, ShimWrongType
 from migrator.shim.routes import (
     ReadPath,
     WriteMode,
@@ -181,10 +181,13 @@ class ShardRouter:
             items.extend(mapping.items())
         if not items:
             raise redis.DataError("'hset' with no key value pairs")
+        for m, v in items:
+            _refuse_mark(m, v)
         return sum(int(r) for r in self._write("hset", items))
 
     def hsetnx(self, member: Any, value: Any) -> int:
         """Set ``member`` only if absent; 1 when it was set, like redis-py."""
+        _refuse_mark(member, value)
         return int(self._write("hsetnx", [(member, value)])[0])
 
     def hdel(self, *members: Any) -> int:
@@ -414,6 +417,14 @@ _MARKS = (TOMBSTONE, TOMBSTONE.decode())
 def _is_mark(value: Any) -> bool:
     """A delete mark (phases.TOMBSTONE), as bytes or as a decoding client returns it."""
     return value in _MARKS
+
+
+def _refuse_mark(member: Any, value: Any) -> None:
+    if isinstance(value, (bytes, str)) and _is_mark(value):
+        raise ShimReservedValue(
+            f"the value written to {member!r} is migrator's delete mark ({TOMBSTONE!r}), which "
+            "reads through the shim take for an absent member; store another value"
+        )
 
 
 def _shard_key(record: ControlRecord, member: Any) -> str:

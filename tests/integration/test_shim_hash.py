@@ -15,7 +15,14 @@ from migrator import control, keys
 from migrator.control import ControlRecord
 from migrator.phases import TOMBSTONE, Phase, marks_deletes
 from migrator.routing import sticky_bucket
-from migrator.shim import ReadPath, ShardRouter, ShimClosed, ShimNotConfigured, ShimWrongType
+from migrator.shim import (
+    ReadPath,
+    ShardRouter,
+    ShimClosed,
+    ShimNotConfigured,
+    ShimReservedValue,
+    ShimWrongType,
+)
 from tests.integration.shimkit import (
     JOB,
     SALT,
@@ -412,6 +419,26 @@ def test_a_closed_router_refuses_calls(r: redis.Redis, attach: Attach) -> None:
     users.close()  # idempotent
     with pytest.raises(ShimClosed):
         users.hget("a")
+
+
+@pytest.mark.parametrize("phase", [P.PLANNED, P.COPYING, P.GRAY, P.DONE])
+def test_the_delete_mark_cannot_be_written_as_a_value(
+    r: redis.Redis, attach: Attach, phase: Phase
+) -> None:
+    """Reads through the shim take the mark for an absent member in every phase, so the shim
+    refuses to store it, before anything is written, however it is given."""
+    control.publish(r, record(phase, ratio=50 if phase is P.GRAY else 0))
+    users = attach()
+    for write in (
+        lambda: users.hset("a", TOMBSTONE),
+        lambda: users.hset("a", TOMBSTONE.decode()),
+        lambda: users.hset(mapping={"b": "fine", "a": TOMBSTONE}),
+        lambda: users.hsetnx("a", TOMBSTONE),
+    ):
+        with pytest.raises(ShimReservedValue, match="delete mark"):
+            write()
+    assert data_keys(r) == set()
+    assert users.hset("a", TOMBSTONE + b"!") == 1  # only the mark itself is reserved
 
 
 def test_counters_and_keys_stay_under_the_job_prefix(r: redis.Redis, attach: Attach) -> None:
