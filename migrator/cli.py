@@ -203,8 +203,10 @@ def _fmt_status(s: dict[str, Any]) -> str:
     )
     for i in live:
         flag = "  LAGGING" if i["lagging"] else ""
-        if i["protocol"] < control.PROTOCOL:
-            flag += f"  OLD SHIM (protocol {i['protocol']}, this release's is {control.PROTOCOL})"
+        if i["protocol"] < control.MARKS_PROTOCOL:
+            flag += (
+                f"  OLD SHIM (protocol {i['protocol']}; the copy needs {control.MARKS_PROTOCOL})"
+            )
         lines.append(
             f"    {i['id']} {i['host']} pid {i['pid']} epoch {i['epoch']} "
             f"seen {i['age_s']}s ago{flag}"

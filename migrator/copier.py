@@ -281,6 +281,11 @@ class HashCopier(CommandStream):
             self._safe or "0", self._completed, worst, members, observed=self.sizer is not None
         )
 
+    def rescan(self) -> None:
+        """Drop what was scanned and not yet inserted; the next step scans again from the
+        checkpoint (the last complete page's cursor), reading current values."""
+        self._reset(self._safe or "0")
+
     @property
     def insert(self) -> str:
         """How the copy writes, for ``status``."""

@@ -209,6 +209,10 @@ class ShimProtocolGate(Gate):
     plainly, and the copy could put back a member it deleted. Such an instance is found at
     the next check (every second); anything it deleted before that and the copy put back,
     verify reports (and ``verify --repair`` removes).
+
+    ``held`` is set whenever the gate holds: what the copy scanned before may have been
+    deleted meanwhile without a mark, so the copy drops it and scans again from its
+    checkpoint (``Runner.copy``, ``HashCopier.rescan``) before it inserts anything more.
     """
 
     interval = 1.0
@@ -217,11 +221,17 @@ class ShimProtocolGate(Gate):
         self.client = client
         self.job = job
         self.need = need
+        self.held = False
 
     def check(self) -> str | None:
+        reason = self._reason()
+        self.held = self.held or reason is not None
+        return reason
+
+    def _reason(self) -> str | None:
         try:
             old = control.outdated(control.live_instances(self.client, self.job), self.need)
-        except redis.RedisError as e:
+        except Exception as e:  # noqa: BLE001 - a heartbeat's payload is the app's writing
             return f"app instance check failed: {e}"
         if not old:
             return None

@@ -356,6 +356,23 @@ class Runner:
             scan=self.plan.copy_.batch,
             sizer=sizer,
         )
+        shims = ShimProtocolGate(self.client, self.name)
+
+        def step(cursor: str, count: int) -> Step:
+            if shims.held:
+                # An old shim was live meanwhile: what the copy scanned before may have been
+                # deleted without a mark, and inserting it would bring it back.
+                shims.held = False
+                copier.rescan()
+                self.store.add_event(
+                    self.name,
+                    "rescan",
+                    to_value=cursor,
+                    detail=f"copy scans again from cursor {cursor}: a shim without delete "
+                    "marks was live",
+                )
+            return copier.step(cursor, count)
+
         cursor, done = (cp.cursor, cp.members_done) if cp else ("0", 0)
         if cp:
             self.store.add_event(
@@ -365,13 +382,13 @@ class Runner:
                 detail=f"copy resumed at cursor {cursor} after {done} members",
             )
         return drive(
-            _retry_batch(copier.step),
+            _retry_batch(step),
             stage="copy",
             cursor=cursor,
             done=done,
             total=total,
             sizer=sizer,
-            pacer=self.pacer(also=[ShimProtocolGate(self.client, self.name)]),
+            pacer=self.pacer(also=[shims]),
             save=self._saver("copy", lambda: {"insert": copier.insert}),
             report=self._report("copy"),
         )

@@ -36,9 +36,9 @@ __all__ = [
     "ReadPath",
     "ShardRouter",
     "ShimClosed",
-    "ShimReservedValue",
     "ShimError",
     "ShimNotConfigured",
+    "ShimReservedValue",
     "ShimWrongType",
     "WriteMode",
 ]

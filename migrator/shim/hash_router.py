@@ -173,7 +173,10 @@ class ShardRouter:
     def hset(
         self, member: Any = None, value: Any = None, mapping: Mapping[Any, Any] | None = None
     ) -> int:
-        """Set ``member`` to ``value`` and/or every pair of ``mapping``; returns new fields."""
+        """Set ``member`` to ``value`` and/or every pair of ``mapping``; returns new fields.
+
+        Raises :class:`ShimReservedValue`, writing nothing, for a value equal to the delete
+        mark (``phases.TOMBSTONE``)."""
         items: list[tuple[Any, ...]] = []
         if member is not None:
             items.append((member, value))
@@ -186,7 +189,8 @@ class ShardRouter:
         return sum(int(r) for r in self._write("hset", items))
 
     def hsetnx(self, member: Any, value: Any) -> int:
-        """Set ``member`` only if absent; 1 when it was set, like redis-py."""
+        """Set ``member`` only if absent; 1 when it was set, like redis-py. Refuses the delete
+        mark as :meth:`hset` does."""
         _refuse_mark(member, value)
         return int(self._write("hsetnx", [(member, value)])[0])
 
@@ -420,6 +424,8 @@ def _is_mark(value: Any) -> bool:
 
 
 def _refuse_mark(member: Any, value: Any) -> None:
+    if isinstance(value, memoryview):  # redis-py sends it as it is
+        value = value.tobytes()
     if isinstance(value, (bytes, str)) and _is_mark(value):
         raise ShimReservedValue(
             f"the value written to {member!r} is migrator's delete mark ({TOMBSTONE!r}), which "

@@ -425,8 +425,9 @@ def test_a_closed_router_refuses_calls(r: redis.Redis, attach: Attach) -> None:
 def test_the_delete_mark_cannot_be_written_as_a_value(
     r: redis.Redis, attach: Attach, phase: Phase
 ) -> None:
-    """Reads through the shim take the mark for an absent member in every phase, so the shim
-    refuses to store it, before anything is written, however it is given."""
+    """Reads of the shards take the mark for an absent member, and a mark stored in the old key
+    would be copied into one: the shim refuses it in every phase, before anything is written,
+    however it is given."""
     control.publish(r, record(phase, ratio=50 if phase is P.GRAY else 0))
     users = attach()
     for write in (
@@ -434,6 +435,7 @@ def test_the_delete_mark_cannot_be_written_as_a_value(
         lambda: users.hset("a", TOMBSTONE.decode()),
         lambda: users.hset(mapping={"b": "fine", "a": TOMBSTONE}),
         lambda: users.hsetnx("a", TOMBSTONE),
+        lambda: users.hset("a", memoryview(TOMBSTONE)),
     ):
         with pytest.raises(ShimReservedValue, match="delete mark"):
             write()
