@@ -7,6 +7,7 @@ Errors become exit codes here and nowhere else: MigratorError subclasses carry t
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import sys
@@ -23,6 +24,32 @@ from migrator.env import int_from_env
 from migrator.errors import MigratorError
 from migrator.scanloop import Progress
 from migrator.stream import spin_seconds
+
+
+class Number(click.ParamType):
+    """A finite number from ``low`` up (to ``high``): click's FloatRange lets nan and inf
+    through, which would make a wait endless or a ceiling meaningless."""
+
+    name = "number"
+
+    def __init__(self, low: float = 0.0, high: float | None = None) -> None:
+        self.low, self.high = low, high
+
+    def convert(
+        self, value: Any, param: click.Parameter | None, ctx: click.Context | None
+    ) -> float:
+        try:
+            v = float(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not a number", param, ctx)
+        if not math.isfinite(v) or v < self.low or (self.high is not None and v > self.high):
+            top = f" and at most {self.high:g}" if self.high is not None else ""
+            self.fail(f"{value!r} is not a number of at least {self.low:g}{top}", param, ctx)
+        return v
+
+
+#: Seconds an option may wait: at most a day.
+SECONDS = Number(0.0, 86400.0)
 
 STATE_HELP = "state store URL (default: $MIGRATOR_STATE_URL, else sqlite:///.migrator/state.db)"
 
@@ -141,7 +168,7 @@ def plan_validate(file: str) -> None:
 )
 @click.option(
     "--barrier-timeout",
-    type=float,
+    type=SECONDS,
     default=60.0,
     show_default=True,
     help="seconds to wait for live app instances to acknowledge a phase change",
@@ -283,7 +310,7 @@ def resume(name: str, state_url: str | None) -> None:
 
 @cli.command("set-rate")
 @click.argument("name")
-@click.argument("rate", type=float)
+@click.argument("rate", type=Number(0.0))
 @state_option
 def set_rate(name: str, rate: float, state_url: str | None) -> None:
     """Set the members/s ceiling of NAME's running work (0 = unlimited)."""
@@ -295,7 +322,9 @@ def set_rate(name: str, rate: float, state_url: str | None) -> None:
 @click.argument("name")
 @click.option("--repair", is_flag=True, help="fix confirmed differences from the source")
 @click.option("--rounds", type=click.IntRange(1, 10), default=3, show_default=True)
-@click.option("--delay", type=float, default=0.5, show_default=True, help="seconds between rounds")
+@click.option(
+    "--delay", type=SECONDS, default=0.5, show_default=True, help="seconds between rounds"
+)
 @click.option("--show", is_flag=True, help="list every confirmed difference")
 @click.option("--json", "as_json", is_flag=True)
 @state_option
@@ -350,7 +379,7 @@ def verify(
 
 @cli.command()
 @click.argument("name")
-@click.option("--barrier-timeout", type=float, default=60.0, show_default=True)
+@click.option("--barrier-timeout", type=SECONDS, default=60.0, show_default=True)
 @state_option
 def rollback(name: str, barrier_timeout: float, state_url: str | None) -> None:
     """Back to old-only: ratio 0, shard keys removed. Possible until cleanup starts."""
@@ -363,7 +392,7 @@ def rollback(name: str, barrier_timeout: float, state_url: str | None) -> None:
 
 @cli.command()
 @click.argument("name")
-@click.option("--barrier-timeout", type=float, default=60.0, show_default=True)
+@click.option("--barrier-timeout", type=SECONDS, default=60.0, show_default=True)
 @state_option
 def cleanup(name: str, barrier_timeout: float, state_url: str | None) -> None:
     """Stop writes to the old key (barrier), then remove it without blocking."""
@@ -396,13 +425,13 @@ def history(name: str, as_json: bool, state_url: str | None) -> None:
 @cli.command()
 @click.option(
     "--interval",
-    type=click.FloatRange(min=0.1),
+    type=Number(0.1, 86400.0),
     default=1.0,
     show_default=True,
     help="seconds between scans of the state store",
 )
 @click.option("--once", is_flag=True, help="do what is due now, wait for it, then exit")
-@click.option("--barrier-timeout", type=float, default=60.0, show_default=True)
+@click.option("--barrier-timeout", type=SECONDS, default=60.0, show_default=True)
 @state_option
 def run(interval: float, once: bool, barrier_timeout: float, state_url: str | None) -> None:
     """Long-running runner: resumes interrupted jobs, runs cleanups scheduled by cleanup.after.

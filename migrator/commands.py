@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import math
 import threading
 from collections.abc import Callable
 from typing import Any, cast
@@ -21,7 +22,16 @@ from migrator.preflight import preflight
 from migrator.redisio import connect
 from migrator.runner import Runner, VerifyReport
 from migrator.scanloop import Progress
-from migrator.store import Event, Job, Store, open_store, peek_job
+from migrator.store import (
+    Event,
+    Job,
+    Store,
+    open_existing_store,
+    open_store,
+    peek_job,
+    state_exists,
+)
+from migrator.store import state_url as resolve_state_url
 from migrator.store.repository import iter_all
 
 ProgressFn = Callable[[Progress], None]
@@ -99,7 +109,9 @@ def apply(
 
 
 def _store_for(state_url: str | None) -> Store:
-    return open_store(state_url)
+    """The store of the verbs that act on registered jobs: refusing an unknown job creates no
+    store."""
+    return open_existing_store(state_url)
 
 
 def resolve_name(store: Store, name: str | None) -> str:
@@ -118,6 +130,8 @@ def resolve_name(store: Store, name: str | None) -> str:
 
 def status(state_url: str | None = None, name: str | None = None) -> list[dict[str, Any]]:
     """Everything `migrator status` shows, as plain data with stable field names (README)."""
+    if not name and not state_exists(resolve_state_url(state_url)):
+        return []  # no store yet: no jobs, and none is created to say so
     store = _store_for(state_url)
     try:
         jobs = [store.get_job(name)] if name else store.list_jobs()
@@ -238,7 +252,7 @@ def resume(name: str, *, state_url: str | None = None) -> Job:
 
 
 def set_rate(name: str, rate: float, *, state_url: str | None = None) -> Job:
-    if rate < 0:
+    if not math.isfinite(rate) or rate < 0:
         raise InputError(f"rate must be >= 0 members/s (0 = unlimited), got {rate:g}")
     store = _store_for(state_url)
     try:

@@ -11,6 +11,7 @@ The tree (exit code in brackets)::
     │   ├── PlanConflict                    a changed plan for an existing active job
     │   └── IllegalTransition               a phase change the transition table forbids
     ├── RedisUnavailable               [1]  the server cannot be reached or refused us
+    ├── StoreUnavailable               [1]  the state store cannot be reached or refused us
     ├── BarrierTimeout                 [1]  live app instances did not acknowledge an epoch in time
     ├── Interrupted                    [1]  SIGINT/SIGTERM: the batch finished, checkpoint kept
     ├── JobBusy                        [1]  another runner process holds the job's lease
@@ -69,6 +70,11 @@ class IllegalTransition(InputError):
 
 class RedisUnavailable(MigratorError):
     """The Redis server could not be reached, or refused a command."""
+
+
+class StoreUnavailable(MigratorError):
+    """The state store (SQLite file, PostgreSQL server) could not be opened or refused a
+    statement."""
 
 
 class SourceVanished(MigratorError):

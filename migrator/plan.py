@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 from collections.abc import Mapping
@@ -21,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from migrator.errors import PlanError
 from migrator.routing import HASH_FUNCTIONS
-from migrator.urls import mask_url
+from migrator.urls import check_redis_url, mask_url
 
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
@@ -43,6 +44,11 @@ class RedisSpec(_Strict):
             raise ValueError(
                 f"unsupported scheme {scheme!r}; use redis://, rediss://, unix:// or redis+sentinel://"
             )
+        # Parsed as the client will parse it (a port, a db, query options), so that a bad one
+        # is found here, before anything is written.
+        problem = check_redis_url(v)
+        if problem:
+            raise ValueError(f"{mask_url(v)} is not a usable Redis URL: {problem}")
         return v
 
 
@@ -81,13 +87,13 @@ class TargetSpec(_Strict):
 
 class CopySpec(_Strict):
     batch: int = Field(default=500, ge=1, le=100_000)
-    rate: float = Field(default=0, ge=0)
-    max_command_ms: float = Field(default=1.0, gt=0, le=1000)
+    rate: float = Field(default=0, ge=0, allow_inf_nan=False)
+    max_command_ms: float = Field(default=1.0, gt=0, le=1000, allow_inf_nan=False)
 
 
 class GraySpec(_Strict):
     bucketing: Literal["sticky", "random"] = "sticky"
-    shadow_sample: float = Field(default=0.0, ge=0.0, le=1.0)
+    shadow_sample: float = Field(default=0.0, ge=0.0, le=1.0, allow_inf_nan=False)
 
 
 class CleanupSpec(_Strict):
@@ -140,19 +146,28 @@ class Plan(_Strict):
         return cls.model_validate(spec)
 
 
+#: The longest duration a plan may give (ten years): a date the scheduler can still compute.
+MAX_DURATION_S = 3650 * 86400.0
+
+
 def parse_duration(v: Any) -> float:
     """``0``, ``90``, ``"2s"``, ``"15m"``, ``"7d"`` → seconds."""
     if isinstance(v, bool):
         raise ValueError("a duration is a number of seconds or a string like '2s', '15m', '7d'")
+    seconds: float | None = None
     if isinstance(v, (int, float)):
-        if v < 0:
-            raise ValueError("a duration cannot be negative")
-        return float(v)
-    if isinstance(v, str):
+        seconds = float(v)
+    elif isinstance(v, str):
         m = _DURATION.match(v)
         if m:
-            return float(m.group(1)) * _UNITS[m.group(2)]
-    raise ValueError(f"{v!r} is not a duration; use seconds or e.g. '2s', '15m', '7d'")
+            seconds = float(m.group(1)) * _UNITS[m.group(2)]
+    if seconds is None or math.isnan(seconds):
+        raise ValueError(f"{v!r} is not a duration; use seconds or e.g. '2s', '15m', '7d'")
+    if seconds < 0:
+        raise ValueError("a duration cannot be negative")
+    if seconds > MAX_DURATION_S:
+        raise ValueError(f"{v!r} is longer than ten years")
+    return seconds
 
 
 def expand_env(value: Any, env: Mapping[str, str], path: str = "") -> Any:

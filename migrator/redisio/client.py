@@ -9,17 +9,17 @@ from the URL.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, cast
-from urllib.parse import unquote, urlsplit
 
 import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 from redis.sentinel import Sentinel
 
-from migrator.errors import PreflightError, RedisUnavailable
-from migrator.urls import mask_url
+from migrator.errors import InputError, PreflightError, RedisUnavailable
+from migrator.urls import SentinelURL, mask_url, parse_sentinel_url
+
+__all__ = ["SentinelURL", "connect", "parse_sentinel_url"]
 
 _RETRY_ON = [redis.ConnectionError, redis.TimeoutError]
 
@@ -37,36 +37,6 @@ def _options(name: str | None) -> dict[str, Any]:
         "client_name": name,
         "health_check_interval": 30,
     }
-
-
-@dataclass(frozen=True)
-class SentinelURL:
-    hosts: list[tuple[str, int]]
-    service: str
-    db: int
-    username: str | None
-    password: str | None
-    tls: bool
-
-
-def parse_sentinel_url(url: str) -> SentinelURL:
-    """``redis+sentinel://[user:pass@]h1:26379,h2:26379/service[/db][?tls=1]``."""
-    parts = urlsplit(url)
-    netloc = parts.netloc.rsplit("@", 1)
-    auth, hostlist = (netloc[0], netloc[1]) if len(netloc) == 2 else ("", netloc[0])
-    username = password = None
-    if auth:
-        user, _, pw = auth.partition(":")
-        username, password = unquote(user) or None, unquote(pw) or None
-    hosts = []
-    for h in hostlist.split(","):
-        host, _, port = h.rpartition(":")
-        hosts.append((host or port, int(port) if host else 26379))
-    path = [p for p in parts.path.split("/") if p]
-    if not path:
-        raise PreflightError(f"{mask_url(url)}: a sentinel URL names the service: .../service/db")
-    db = int(path[1]) if len(path) > 1 else 0
-    return SentinelURL(hosts, path[0], db, username, password, "tls=1" in parts.query)
 
 
 def connect(url: str, *, name: str | None = None, check: bool = True) -> redis.Redis:
@@ -109,4 +79,6 @@ def connect(url: str, *, name: str | None = None, check: bool = True) -> redis.R
         ) from None
     except redis.ResponseError as e:
         raise RedisUnavailable(f"Redis at {mask_url(url)} refused a command: {e}") from None
+    except ValueError as e:  # a port, db or option the URL parsers refuse
+        raise InputError(f"{mask_url(url)} is not a usable Redis URL: {e}") from None
     return client

@@ -8,8 +8,11 @@ from migrator.store.repository import (
     Job,
     Store,
     iter_all,
+    open_existing_store,
     open_store,
     peek_job,
+    state_exists,
+    state_url,
 )
 
 __all__ = [
@@ -20,6 +23,9 @@ __all__ = [
     "Job",
     "Store",
     "iter_all",
+    "open_existing_store",
     "open_store",
     "peek_job",
+    "state_exists",
+    "state_url",
 ]

@@ -13,6 +13,7 @@ import secrets
 import socket
 import threading
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from importlib import resources
@@ -22,7 +23,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
-from migrator.errors import IllegalTransition, JobNotFound
+from migrator.errors import IllegalTransition, InputError, JobNotFound, StoreUnavailable
 from migrator.phases import Phase, check_transition
 from migrator.plan import Plan
 from migrator.store.tables import checkpoints, diffs, events, jobs
@@ -148,45 +149,97 @@ def _current(conn: Connection) -> str | None:
     return MigrationContext.configure(conn).get_current_revision()
 
 
+def state_url(url: str | None) -> str:
+    """``url``, else ``$MIGRATOR_STATE_URL``, else the default SQLite file."""
+    return url or os.environ.get("MIGRATOR_STATE_URL") or DEFAULT_STATE_URL
+
+
+def masked_state_url(url: str) -> str:
+    try:
+        return sa.engine.make_url(url).render_as_string(hide_password=True)
+    except sa.exc.ArgumentError:
+        return url
+
+
+@contextmanager
+def opening(url: str) -> Iterator[None]:
+    """Turn what goes wrong while opening the store at ``url`` into migrator's errors: a URL
+    that is not one, or names a database or driver that is not there, is bad input (exit 2);
+    a store that cannot be reached is a runtime failure (exit 1)."""
+    where = masked_state_url(url)
+    hint = "pass --state URL or set MIGRATOR_STATE_URL (e.g. sqlite:///.migrator/state.db)"
+    try:
+        yield
+    except (sa.exc.ArgumentError, sa.exc.NoSuchModuleError) as e:
+        raise InputError(f"state store URL {where!r} is not usable: {e}", hint=hint) from None
+    except ImportError as e:
+        raise InputError(
+            f"state store URL {where!r} needs a database driver that is not installed: {e}",
+            hint="install it into migrator's environment",
+        ) from None
+    except OSError as e:
+        raise InputError(f"state store {where}: {e.strerror or e}", hint=hint) from None
+    except sa.exc.DBAPIError as e:
+        raise StoreUnavailable(
+            f"cannot open the state store {where}: {e.orig or e}",
+            hint="check that the database is up and the URL is right; nothing was changed",
+        ) from None
+
+
 def state_exists(url: str) -> bool:
     """True when the store at ``url`` already holds a schema; never creates anything."""
     if url.startswith("sqlite:///"):
         path = url.removeprefix("sqlite:///")
         if path != ":memory:" and not Path(path).exists():
             return False
-    engine = sa.create_engine(url)
-    try:
-        with engine.connect() as conn:
-            return sa.inspect(conn).has_table("jobs")
-    finally:
-        engine.dispose()
+    with opening(url):
+        engine = sa.create_engine(url)
+        try:
+            with engine.connect() as conn:
+                return sa.inspect(conn).has_table("jobs")
+        finally:
+            engine.dispose()
 
 
 def open_store(url: str | None = None) -> Store:
     """Open (and on first use create or upgrade, through Alembic) the store at ``url``."""
-    url = url or os.environ.get("MIGRATOR_STATE_URL") or DEFAULT_STATE_URL
-    engine = _engine(url)
-    # Alembic's command API keeps module-global state: one upgrade at a time per process.
-    with _UPGRADE_LOCK, engine.begin() as conn:
-        if _current(conn) != _head():
-            from alembic import command
+    url = state_url(url)
+    with opening(url):
+        engine = _engine(url)
+        # Alembic's command API keeps module-global state: one upgrade at a time per process.
+        with _UPGRADE_LOCK, engine.begin() as conn:
+            if _current(conn) != _head():
+                from alembic import command
 
-            command.upgrade(_alembic_config(conn), "head")
+                command.upgrade(_alembic_config(conn), "head")
     return Store(engine, url)
+
+
+def open_existing_store(url: str | None = None) -> Store:
+    """The store at ``url`` if it exists; :class:`JobNotFound` (creating nothing) if not: the
+    verbs that act on a registered job."""
+    url = state_url(url)
+    if not state_exists(url):
+        raise JobNotFound(
+            f"no state store at {masked_state_url(url)}, so no job is registered there",
+            hint="run `migrator plan apply FILE` first, or pass --state URL",
+        )
+    return open_store(url)
 
 
 def peek_job(url: str | None, name: str) -> Job | None:
     """The job ``name`` if the store exists and holds it; creates and writes nothing."""
-    url = url or os.environ.get("MIGRATOR_STATE_URL") or DEFAULT_STATE_URL
+    url = state_url(url)
     if not state_exists(url):
         return None
-    engine = sa.create_engine(url)
-    try:
-        with engine.connect() as conn:
-            row = conn.execute(sa.select(jobs).where(jobs.c.name == name)).first()
-            return Job.from_row(row) if row else None
-    finally:
-        engine.dispose()
+    with opening(url):
+        engine = sa.create_engine(url)
+        try:
+            with engine.connect() as conn:
+                row = conn.execute(sa.select(jobs).where(jobs.c.name == name)).first()
+                return Job.from_row(row) if row else None
+        finally:
+            engine.dispose()
 
 
 class Store:

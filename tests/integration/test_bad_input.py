@@ -127,3 +127,52 @@ def test_a_bad_runner_setting_is_refused_before_anything_is_written(
     res = run_cli("plan", "apply", str(plan), "--allow-no-instances", cwd=tmp_path, env=env)
     _assert_refused(res, message, tmp_path / ".migrator" / "state.db")
     assert _snapshot(r) == before, "Redis was written"
+
+
+VERB_CASES = {
+    "infinite-rate": (["set-rate", "t-job", "inf"], "'inf' is not a number of at least 0"),
+    "nan-rate": (["set-rate", "t-job", "nan"], "'nan' is not a number of at least 0"),
+    "negative-delay": (["verify", "t-job", "--delay", "-1"], "'-1' is not a number of at least 0"),
+    "nan-barrier-timeout": (
+        ["cleanup", "t-job", "--barrier-timeout", "nan"],
+        "'nan' is not a number of at least 0",
+    ),
+    "nan-interval": (["run", "--once", "--interval", "nan"], "'nan' is not a number"),
+    "unknown-job": (["pause", "t-job"], "no state store at sqlite:///.migrator/state.db"),
+    "unknown-job-history": (["history", "t-job"], "so no job is registered there"),
+    "unknown-job-status": (["status", "t-job"], "so no job is registered there"),
+    "unparsable-state-url": (
+        ["pause", "t-job", "--state", "bogus"],
+        "state store URL 'bogus' is not usable",
+    ),
+    "unknown-database": (
+        ["status", "--state", "foo://x"],
+        "state store URL 'foo://x' is not usable",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(VERB_CASES))
+def test_a_bad_argument_or_store_is_refused_before_anything_is_written(
+    case: str, tmp_path: Path
+) -> None:
+    args, needle = VERB_CASES[case]
+    res = run_cli(*args, cwd=tmp_path)
+    assert res.returncode == 2, (res.returncode, res.stdout, res.stderr)
+    assert needle in res.stderr, res.stderr
+    assert "Traceback" not in res.stderr
+    assert not (tmp_path / ".migrator").exists(), "a state store was created"
+
+
+def test_status_without_a_store_says_no_jobs_and_creates_none(tmp_path: Path) -> None:
+    res = run_cli("status", cwd=tmp_path)
+    assert res.returncode == 0 and res.stdout.strip() == "no jobs", res
+    assert not (tmp_path / ".migrator").exists()
+
+
+def test_an_unreachable_state_store_is_a_clear_message(tmp_path: Path) -> None:
+    url = f"postgresql://u:s3cret@127.0.0.1:{free_port()}/x"
+    res = run_cli("status", "--state", url, cwd=tmp_path)
+    assert res.returncode == 1, (res.stdout, res.stderr)
+    assert "cannot open the state store postgresql://u:***@127.0.0.1:" in res.stderr
+    assert "s3cret" not in res.stderr and "Traceback" not in res.stderr

@@ -32,6 +32,11 @@ def test_secrets_are_masked() -> None:
     assert "s3cret" not in str(p.masked())
     assert p.masked()["redis"]["url"] == "redis://app:***@h:6379/0"
     assert mask_url("redis://h:1/0") == "redis://h:1/0"
+    assert mask_url("redis://h:1/0?password=s3cret&db=2") == "redis://h:1/0?password=***&db=2"
+    bad = GOOD.replace("${REDIS_URL:-redis://127.0.0.1:6379/0}", "redis://u:s3cret@h:x/0")
+    with pytest.raises(PlanError) as e:
+        parse_plan(bad, env={})
+    assert "s3cret" not in str(e.value) and "redis://u:***@h:x/0" in str(e.value)
 
 
 @pytest.mark.parametrize(
@@ -55,6 +60,40 @@ def test_secrets_are_masked() -> None:
         (GOOD.replace("after: 7d", "after: soon"), "cleanup.after"),
         (GOOD.replace("type: hash", "type: list"), "source.type"),
         (GOOD.replace("${REDIS_URL:-redis://127.0.0.1:6379/0}", "http://x"), "unsupported scheme"),
+        # Values the runner would only trip over once the job is written.
+        (GOOD + "copy: {rate: .inf}\n", "copy.rate"),
+        (GOOD + "copy: {rate: .nan}\n", "copy.rate"),
+        (GOOD + "copy: {max_command_ms: .nan}\n", "copy.max_command_ms"),
+        (GOOD + "gray: {shadow_sample: .nan}\n", "gray.shadow_sample"),
+        (GOOD.replace("after: 7d", "after: .nan"), "cleanup.after: nan is not a duration"),
+        (GOOD.replace("after: 7d", "after: .inf"), "cleanup.after: inf is longer than ten years"),
+        (GOOD.replace("after: 7d", "after: 99999999999d"), "longer than ten years"),
+        (
+            GOOD.replace("${REDIS_URL:-redis://127.0.0.1:6379/0}", "redis://h:abc/0"),
+            "redis.url: redis://h:abc/0 is not a usable Redis URL: Port could not be cast",
+        ),
+        (
+            GOOD.replace(
+                "${REDIS_URL:-redis://127.0.0.1:6379/0}", "redis://h:1/0?socket_timeout=x"
+            ),
+            "Invalid value for 'socket_timeout'",
+        ),
+        (
+            GOOD.replace("${REDIS_URL:-redis://127.0.0.1:6379/0}", "redis://h:1/users"),
+            "the path names the db, a number, not 'users'",
+        ),
+        (
+            GOOD.replace("${REDIS_URL:-redis://127.0.0.1:6379/0}", "redis+sentinel://h1:abc/svc"),
+            "sentinel 'h1:abc': the port is not a number",
+        ),
+        (
+            GOOD.replace("${REDIS_URL:-redis://127.0.0.1:6379/0}", "redis+sentinel://h1:1/svc/x"),
+            "after the service comes at most a db number",
+        ),
+        (
+            GOOD.replace("${REDIS_URL:-redis://127.0.0.1:6379/0}", "redis+sentinel://h1:1"),
+            "a sentinel URL names the service",
+        ),
     ],
 )
 def test_bad_plans_name_what_is_wrong(text: str, needle: str) -> None:
