@@ -393,12 +393,22 @@ def rollback(name: str, barrier_timeout: float, state_url: str | None) -> None:
 @cli.command()
 @click.argument("name")
 @click.option("--barrier-timeout", type=SECONDS, default=60.0, show_default=True)
+@click.option(
+    "--force",
+    is_flag=True,
+    help="remove the old key although the last verify run confirmed differences; audited",
+)
 @state_option
-def cleanup(name: str, barrier_timeout: float, state_url: str | None) -> None:
+def cleanup(name: str, barrier_timeout: float, force: bool, state_url: str | None) -> None:
     """Stop writes to the old key (barrier), then remove it without blocking."""
     with stop_on_signals() as stop, progress_bar() as bar:
         job = commands.cleanup(
-            name, state_url=state_url, stop=stop, barrier_timeout=barrier_timeout, on_progress=bar
+            name,
+            state_url=state_url,
+            stop=stop,
+            barrier_timeout=barrier_timeout,
+            on_progress=bar,
+            force=force,
         )
     click.echo(f"job {job.name}: phase {job.phase}")
 

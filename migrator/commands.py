@@ -349,12 +349,13 @@ def cleanup(
     stop: threading.Event | None = None,
     barrier_timeout: float = 60.0,
     on_progress: ProgressFn | None = None,
+    force: bool = False,
 ) -> Job:
     store = _store_for(state_url)
     try:
         return Runner(
             store, name, stop=stop, barrier_timeout=barrier_timeout, on_progress=on_progress
-        ).cleanup()
+        ).cleanup(force=force)
     finally:
         store.close()
 

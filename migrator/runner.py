@@ -598,8 +598,12 @@ class Runner:
             return self.move(P.ROLLED_BACK, detail="shard keys removed", expect=P.ROLLING_BACK)
 
     # -- cleanup ----------------------------------------------------------------------------
-    def cleanup(self, *, detail: str = "cleanup") -> Job:
-        """From cutover: shims stop writing the old key (barrier), then the old key goes."""
+    def cleanup(self, *, detail: str = "cleanup", force: bool = False) -> Job:
+        """From cutover: shims stop writing the old key (barrier), then the old key goes.
+
+        Refuses a job whose last verify run is unfinished, or confirmed differences nobody
+        repaired (``force`` removes the old key anyway, audited): after cleanup the shards
+        are all there is."""
         job = self.refresh()
         if job.phase == P.CUTOVER:
             swept = self.store.get_checkpoint(self.job, "verify")
@@ -610,6 +614,23 @@ class Runner:
                     f"job {self.name} has no finished verify run; cleanup needs one, since "
                     f"verify removes the delete marks the copy left in the shards "
                     f"(migrator verify {self.name} first)"
+                )
+            run = self.store.last_verify_run(self.job)
+            confirmed = self.store.count_diffs(self.job, run, status="confirmed")
+            if confirmed:
+                found = ", ".join(f"{kind} {n}" for kind, n in sorted(confirmed.items()))
+                if not force:
+                    raise VerificationFailed(
+                        f"job {self.name}: verify run {run} confirmed differences nobody "
+                        f"repaired ({found}); removing the old key would lose them",
+                        hint=f"migrator verify {self.name} --show, then --repair (a clean run "
+                        "lets cleanup go on); cleanup --force removes the old key anyway",
+                    )
+                self.store.add_event(
+                    self.name,
+                    "flag",
+                    to_value="force",
+                    detail=f"cleanup --force past verify run {run}'s differences: {found}",
                 )
             self.move(P.CLEANING, detail=detail, expect=P.CUTOVER)
         elif job.phase != P.CLEANING:

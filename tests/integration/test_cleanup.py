@@ -94,6 +94,49 @@ def test_cleanup_needs_a_finished_verify_which_removes_the_copy_s_delete_marks(
     assert read_shards(r, TEMPLATE, 8) == model
 
 
+@pytest.mark.parametrize("way", ["repair", "force"])
+def test_cleanup_refuses_differences_the_last_verify_confirmed(
+    way: str, redis_server: RedisServer, r: redis.Redis, tmp_path: Path, state_url: str
+) -> None:
+    """After cleanup the shards are all there is, so a last verify run whose differences nobody
+    repaired stops it (exit 3, nothing touched) until a repair, or --force (audited)."""
+    model = _at_cutover(redis_server.url, r, tmp_path, state_url, 2_000)
+    member = next(iter(model))
+    shard = next(
+        TEMPLATE.replace("{shard}", str(i))
+        for i in range(8)
+        if r.hexists(TEMPLATE.replace("{shard}", str(i)), member)
+    )
+    r.hset(shard, member, b"not what the source holds")  # written outside the shim
+    env = cli_env(state_url)
+    assert run_cli("verify", JOB, env=env).returncode == 3
+    res = run_cli("cleanup", JOB, env=env)
+    assert res.returncode == 3, res.stderr
+    assert "confirmed differences nobody repaired (value_differs 1)" in res.stderr
+    assert f"migrator verify {JOB} --show, then --repair" in res.stderr
+    assert read_hash(r, SOURCE) == model and job_state(state_url)["phase"] == "cutover"
+
+    if way == "repair":
+        assert run_cli("verify", JOB, "--repair", env=env).returncode == 0
+        res = run_cli("cleanup", JOB, env=env)
+    else:
+        res = run_cli("cleanup", JOB, "--force", env=env)
+    assert res.returncode == 0, res.stderr
+    assert not r.exists(SOURCE) and job_state(state_url)["phase"] == "done"
+    forced = [
+        e
+        for e in commands.history(JOB, state_url=state_url)
+        if e.kind == "flag" and e.to_value == "force"
+    ]
+    if way == "repair":
+        assert read_shards(r, TEMPLATE, 8) == model and forced == []
+    else:
+        assert read_shards(r, TEMPLATE, 8)[member] == b"not what the source holds"
+        [event] = forced
+        assert "cleanup --force past verify run" in (event.detail or "")
+        assert "value_differs 1" in (event.detail or "")
+
+
 def test_cleanup_mode_forces_hdel_even_where_unlink_exists(
     redis_server: RedisServer, r: redis.Redis, tmp_path: Path, state_url: str
 ) -> None:
