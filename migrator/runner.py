@@ -452,7 +452,9 @@ class Runner:
                 total=self.job.total_members,
                 sizer=sizer,
                 pacer=self.pacer(),
-                save=save,
+                # The end of a pass is not the end of the run: only the last save below marks
+                # the run finished (cleanup and `migrator run` go by that mark).
+                save=lambda cursor, done, _end: save(cursor, done, False),
                 report=self._report("verify"),
             )
             if p == 0:

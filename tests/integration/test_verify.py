@@ -249,3 +249,23 @@ def test_a_verify_resumed_at_an_empty_shard_completes(
     report = commands.verify(JOB, state_url=state_url, delay=0.1)
     assert report.run == run
     assert report.shard_checked == sum(1 for m in members if shard_of(m, SHARDS) >= empty)
+
+
+def test_the_run_is_marked_finished_only_at_its_end(
+    redis_server: RedisServer, r: redis.Redis, tmp_path: Path, state_url: str
+) -> None:
+    """Each pass ends at cursor 0, but only the run's last save marks it finished: cleanup and
+    `migrator run` go by that mark, and a crash between passes must resume the same run."""
+    _applied(redis_server, r, tmp_path, state_url, 3000)
+    marks: list[tuple[int, bool]] = []  # (pass, finished) as saved while the run goes on
+
+    def on_progress(_p: Progress) -> None:
+        cp = job_state(state_url)["checkpoints"]["verify"]
+        marks.append((int(cp.extra.get("pass", -1)), cp.finished))
+
+    report = commands.verify(JOB, state_url=state_url, on_progress=on_progress)
+    assert report.clean
+    # Every pass reported its end (the source's, then each shard's), none of them finished.
+    assert {p for p, _ in marks} >= set(range(1 + SHARDS)), marks
+    assert not any(finished for _, finished in marks), marks
+    assert job_state(state_url)["checkpoints"]["verify"].finished
