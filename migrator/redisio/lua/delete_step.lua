@@ -14,5 +14,5 @@ local items = scan[2]
 local members = {}
 for i = 1, #items, step do members[#members + 1] = items[i] end
 local removed = 0
-if #members > 0 then removed = redis.call(del_cmd, KEYS[1], unpack(members)) end
+if #members > 0 then removed = call_parts(del_cmd, KEYS[1], members, 1, #members, 1) end
 return {scan[1], removed, now_us() - t0}

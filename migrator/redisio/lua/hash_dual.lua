@@ -14,15 +14,11 @@ local op = ARGV[1]
 local first, second = KEYS[1], KEYS[2]
 local result
 if op == 'hset' then
-  local args = {}
-  for i = 2, #ARGV do args[#args + 1] = ARGV[i] end
-  result = redis.call('HSET', first, unpack(args))
-  redis.call('HSET', second, unpack(args))
+  result = call_parts('HSET', first, ARGV, 2, #ARGV, 2)
+  call_parts('HSET', second, ARGV, 2, #ARGV, 2)
 elseif op == 'hdel' then
-  local args = {}
-  for i = 2, #ARGV do args[#args + 1] = ARGV[i] end
-  result = redis.call('HDEL', first, unpack(args))
-  redis.call('HDEL', second, unpack(args))
+  result = call_parts('HDEL', first, ARGV, 2, #ARGV, 1)
+  call_parts('HDEL', second, ARGV, 2, #ARGV, 1)
   return result
 elseif op == 'hdel_mark' then
   -- dual_write, copying: a member the source held is marked in the shard, so that no value

@@ -7,14 +7,14 @@
 -- Returns {elapsed_us, {member, ...}, marks removed}.
 local t0 = now_us()
 if #ARGV == 0 then return {now_us() - t0, {}, 0} end
-local values = redis.call('HMGET', KEYS[1], unpack(ARGV))
+local values = hmget_parts(KEYS[1], ARGV, 1, #ARGV)
 local missing, n = {}, 0
 local swept = {}
 for i = 1, #ARGV do
   if not values[i] then n = n + 1; missing[n] = ARGV[i] end
 end
 if n > 0 then
-  local held = redis.call('HMGET', KEYS[2], unpack(missing))
+  local held = hmget_parts(KEYS[2], missing, 1, n)
   local still, k = {}, 0
   for i = 1, n do
     if held[i] == TOMBSTONE then
@@ -23,7 +23,7 @@ if n > 0 then
       k = k + 1; still[k] = missing[i]
     end
   end
-  if #swept > 0 then redis.call('HDEL', KEYS[2], unpack(swept)) end
+  if #swept > 0 then call_parts('HDEL', KEYS[2], swept, 1, #swept, 1) end
   missing = still
 end
 return {now_us() - t0, missing, #swept}

@@ -7,12 +7,12 @@
 local t0 = now_us()
 local groups = #KEYS - 1
 local first = groups + 1
-local source = redis.call('HMGET', KEYS[1], unpack(ARGV, first))
+local source = hmget_parts(KEYS[1], ARGV, first, #ARGV)
 local diffs, nd = {}, 0
 local pos = 0
 for k = 1, groups do
   local n = tonumber(ARGV[k])
-  local shard = redis.call('HMGET', KEYS[k + 1], unpack(ARGV, first + pos, first + pos + n - 1))
+  local shard = hmget_parts(KEYS[k + 1], ARGV, first + pos, first + pos + n - 1)
   for j = 1, n do
     local ov, sv = source[pos + j], shard[j]
     local kind = nil

@@ -38,3 +38,29 @@ local function follow_ttl(deadline, shard)
     redis.call('PEXPIREAT', shard, deadline)
   end
 end
+-- Lua 5.1's unpack returns fewer than 8,000 values ("too many results to unpack"), so a command
+-- with more arguments than that (a shim HSET of thousands of fields, a large page of members)
+-- is sent in parts: the script stays one atomic step.
+local UNPACK_MAX = 4000
+-- redis.call(cmd, key, args[first..last]) in parts of whole items of `step` values each;
+-- returns the sum of the integer replies (HSET: fields added, HDEL/SREM/ZREM: removed).
+local function call_parts(cmd, key, args, first, last, step)
+  local size = UNPACK_MAX - (UNPACK_MAX % step)
+  local total = 0
+  for i = first, last, size do
+    total = total + redis.call(cmd, key, unpack(args, i, math.min(i + size - 1, last)))
+  end
+  return total
+end
+-- HMGET key args[first..last], in parts; one reply list.
+local function hmget_parts(key, args, first, last)
+  local out, n = {}, 0
+  for i = first, last, UNPACK_MAX do
+    local got = redis.call('HMGET', key, unpack(args, i, math.min(i + UNPACK_MAX - 1, last)))
+    for j = 1, #got do
+      n = n + 1
+      out[n] = got[j]
+    end
+  end
+  return out
+end
