@@ -50,6 +50,38 @@ def detect_type(client: redis.Redis, plan: Plan) -> str:
     return kind
 
 
+#: Members sampled for field expiry (HRANDFIELD, then HPEXPIRETIME of the sample).
+FIELD_TTL_SAMPLE = 1000
+
+
+def check_field_ttls(client: redis.Redis, plan: Plan) -> None:
+    """Refuse a source whose fields carry their own expiry (HEXPIRE: Redis 7.4+, Valkey 9).
+    The copy and the shim's writes carry values, not field deadlines, so such a field would
+    outlive its expiry in the shards. Asks a sample of the key's fields; a server without
+    field expiry has none to find."""
+    key = plan.source.key
+    try:
+        fields = cast(list[bytes], client.hrandfield(key, FIELD_TTL_SAMPLE))
+    except redis.ResponseError:  # before Redis 6.2: no HRANDFIELD, and no field expiry either
+        return
+    if not fields:
+        return
+    try:
+        deadlines = cast(
+            list[int], client.execute_command("HPEXPIRETIME", key, "FIELDS", len(fields), *fields)
+        )
+    except redis.ResponseError:  # unknown command: no field expiry on this server
+        return
+    expiring = sum(1 for d in deadlines if int(d) > 0)
+    if expiring:
+        raise PreflightError(
+            f"source key {key!r} has fields with their own expiry (HEXPIRE): {expiring} of "
+            f"{len(fields)} sampled; this release copies values, not field deadlines, so they "
+            "would outlive their expiry in the shards",
+            hint="remove the field deadlines (HPERSIST) first, or leave this key as it is",
+        )
+
+
 def taken_shard_keys(client: redis.Redis, plan: Plan) -> list[str]:
     shard_keys = plan.target.shard_keys()
     pipe = client.pipeline(transaction=False)
@@ -65,6 +97,7 @@ def preflight(
 
     ``force`` overrides the memory check only (the caller audits it)."""
     kind = detect_type(client, plan)
+    check_field_ttls(client, plan)
     taken = taken_shard_keys(client, plan)
     if taken:
         shown = ", ".join(repr(k) for k in taken[:3]) + (" ..." if len(taken) > 3 else "")

@@ -176,3 +176,23 @@ def test_an_unreachable_state_store_is_a_clear_message(tmp_path: Path) -> None:
     assert res.returncode == 1, (res.stdout, res.stderr)
     assert "cannot open the state store postgresql://u:***@127.0.0.1:" in res.stderr
     assert "s3cret" not in res.stderr and "Traceback" not in res.stderr
+
+
+def test_a_source_whose_fields_expire_on_their_own_is_refused(
+    redis_server: RedisServer, r: redis.Redis, tmp_path: Path
+) -> None:
+    model = seed_hash(r, "big:hash", 2_000)
+    try:
+        r.execute_command("HEXPIRE", "big:hash", 3600, "FIELDS", 1, next(iter(model)))
+    except redis.ResponseError:
+        pytest.skip("this server has no field expiry (HEXPIRE: Redis 7.4+, Valkey 9)")
+    half = list(model)[::2]
+    r.execute_command("HEXPIRE", "big:hash", 3600, "FIELDS", len(half), *half)
+    before = _snapshot(r)
+    plan = write_plan(tmp_path / "p.yaml", redis_server.url)
+    res = run_cli("plan", "apply", str(plan), "--allow-no-instances", cwd=tmp_path)
+    _assert_refused(
+        res, "has fields with their own expiry (HEXPIRE)", tmp_path / ".migrator" / "state.db"
+    )
+    assert "of 1000 sampled" in res.stderr and "HPERSIST" in res.stderr
+    assert _snapshot(r) == before, "Redis was written"
