@@ -17,7 +17,8 @@ def control(job: str) -> str:
 
 
 def instances(job: str) -> str:
-    """Hash: instance id → JSON {host, pid, epoch, started}; one field per live app process."""
+    """Hash: instance id → JSON {host, pid, epoch, started, protocol}; one field per live app
+    process."""
     return f"{_prefix(job)}:instances"
 
 
@@ -34,6 +35,12 @@ def counters(job: str) -> str:
 def lock(job: str) -> str:
     """String with a TTL: the runner lease (one process works a job at a time; lease.py)."""
     return f"{_prefix(job)}:lock"
+
+
+def probe(job: str, what: str) -> str:
+    """A key that never exists, named in commands that ask the server what it supports
+    (``HSETEX ... FXX`` for ``hsetex``, ``UNLINK`` for ``unlink``): they write nothing."""
+    return f"{_prefix(job)}:{what}-probe"
 
 
 def all_keys(job: str) -> list[str]:

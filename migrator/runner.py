@@ -20,7 +20,7 @@ from typing import Any, NoReturn, TypeVar, cast
 import redis
 from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_exponential
 
-from migrator import control
+from migrator import control, keys
 from migrator.cleaner import KeyRemover
 from migrator.control import ControlRecord
 from migrator.copier import HashCopier, hash_copier
@@ -351,7 +351,7 @@ class Runner:
             self.plan.source.key,
             self.shard_keys,
             self.budget_us,
-            probe_key=f"migrator:{{{self.name}}}:hsetex-probe",
+            probe_key=keys.probe(self.name, "hsetex"),
             hash_name=self.plan.target.hash,
             scan=self.plan.copy_.batch,
             sizer=sizer,
@@ -669,17 +669,17 @@ class Runner:
     def removal_mode(self) -> str:
         mode = self.plan.cleanup.mode
         if mode == "auto":
-            probe = f"migrator:{{{self.name}}}:unlink-probe"
+            probe = keys.probe(self.name, "unlink")
             return "unlink" if supports_unlink(self.client, probe) else "hdel"
         return mode
 
-    def _remove_keys(self, stage: str, keys: list[str]) -> None:
+    def _remove_keys(self, stage: str, targets: list[str]) -> None:
         remover = KeyRemover(self.client, self.scripts)
         mode = self.removal_mode()
         cp = self.store.get_checkpoint(self.job, stage)
         start = int(cp.extra.get("key", 0)) if cp else 0
-        for index in range(start, len(keys)):
-            key = keys[index]
+        for index in range(start, len(targets)):
+            key = targets[index]
             state = {"key": index, "mode": mode}
             if mode == "unlink":
                 remover.unlink(key)
@@ -711,11 +711,11 @@ class Runner:
                 stage,
                 "0",
                 0,
-                finished=index + 1 == len(keys),
+                finished=index + 1 == len(targets),
                 extra={"key": index + 1, "mode": mode},
             )
         self.store.add_event(
-            self.name, stage, to_value=mode, detail=f"{len(keys)} key(s) removed by {mode}"
+            self.name, stage, to_value=mode, detail=f"{len(targets)} key(s) removed by {mode}"
         )
 
 

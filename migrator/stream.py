@@ -128,9 +128,6 @@ class CommandStream:
     def _finished(self) -> bool:
         return False
 
-    def _settled(self) -> None:
-        """Called once a step's commands are all acknowledged."""
-
     # -- the loop ------------------------------------------------------------------------------
     def _count(self, count: int) -> int:
         if self.sizer is None:
@@ -208,6 +205,5 @@ class CommandStream:
                     wire.close()
             finally:
                 pool.release(conn)
-        self._settled()
         self.worst_us = max(self.worst_us, worst)
         return done, worst, worst_members

@@ -72,10 +72,6 @@ class Scripts:
         script = self._scripts[name]
         script.sha = cast(str, self._client.script_load(script.script))
 
-    def load_all(self) -> None:
-        for name in self._scripts:
-            self.load(name)
-
     def __getattr__(self, name: str) -> Any:
         try:
             script = self.__dict__["_scripts"][name]
