@@ -108,10 +108,10 @@ def apply(
         store.close()
 
 
-def _store_for(state_url: str | None) -> Store:
-    """The store of the verbs that act on registered jobs: refusing an unknown job creates no
-    store."""
-    return open_existing_store(state_url)
+def _store_for(state_url: str | None, name: str | None) -> Store:
+    """The store of the verbs that act on registered jobs (``name``, or the one active job):
+    refusing an unknown job creates no store."""
+    return open_existing_store(state_url, job=name)
 
 
 def resolve_name(store: Store, name: str | None) -> str:
@@ -132,7 +132,7 @@ def status(state_url: str | None = None, name: str | None = None) -> list[dict[s
     """Everything `migrator status` shows, as plain data with stable field names (README)."""
     if not name and not state_exists(resolve_state_url(state_url)):
         return []  # no store yet: no jobs, and none is created to say so
-    store = _store_for(state_url)
+    store = _store_for(state_url, name)
     try:
         jobs = [store.get_job(name)] if name else store.list_jobs()
         return [_status_of(store, j) for j in jobs]
@@ -227,7 +227,7 @@ def _status_of(store: Store, job: Job) -> dict[str, Any]:
 def set_ratio(
     percent: int, *, name: str | None = None, state_url: str | None = None, force: bool = False
 ) -> Job:
-    store = _store_for(state_url)
+    store = _store_for(state_url, name)
     try:
         runner = Runner(store, resolve_name(store, name))
         return runner.set_ratio(percent, force=force)
@@ -236,7 +236,7 @@ def set_ratio(
 
 
 def pause(name: str, *, state_url: str | None = None) -> Job:
-    store = _store_for(state_url)
+    store = _store_for(state_url, name)
     try:
         return store.update_job(name, paused=True, audit="pause")
     finally:
@@ -244,7 +244,7 @@ def pause(name: str, *, state_url: str | None = None) -> Job:
 
 
 def resume(name: str, *, state_url: str | None = None) -> Job:
-    store = _store_for(state_url)
+    store = _store_for(state_url, name)
     try:
         return store.update_job(name, paused=False, audit="resume")
     finally:
@@ -254,7 +254,7 @@ def resume(name: str, *, state_url: str | None = None) -> Job:
 def set_rate(name: str, rate: float, *, state_url: str | None = None) -> Job:
     if not math.isfinite(rate) or rate < 0:
         raise InputError(f"rate must be >= 0 members/s (0 = unlimited), got {rate:g}")
-    store = _store_for(state_url)
+    store = _store_for(state_url, name)
     try:
         return store.update_job(name, rate_override=rate, audit="set-rate")
     finally:
@@ -271,7 +271,7 @@ def verify(
     stop: threading.Event | None = None,
     on_progress: ProgressFn | None = None,
 ) -> VerifyReport:
-    store = _store_for(state_url)
+    store = _store_for(state_url, name)
     try:
         job = store.get_job(name)
         if job.phase not in VERIFIABLE:
@@ -308,7 +308,7 @@ def diffs(
     run: int | None = None,
     status: str | None = "confirmed",
 ) -> list[dict[str, Any]]:
-    store = _store_for(state_url)
+    store = _store_for(state_url, name)
     try:
         job = store.get_job(name)
         run = run or store.last_verify_run(job)
@@ -333,7 +333,7 @@ def rollback(
     barrier_timeout: float = 60.0,
     on_progress: ProgressFn | None = None,
 ) -> Job:
-    store = _store_for(state_url)
+    store = _store_for(state_url, name)
     try:
         return Runner(
             store, name, stop=stop, barrier_timeout=barrier_timeout, on_progress=on_progress
@@ -351,7 +351,7 @@ def cleanup(
     on_progress: ProgressFn | None = None,
     force: bool = False,
 ) -> Job:
-    store = _store_for(state_url)
+    store = _store_for(state_url, name)
     try:
         return Runner(
             store, name, stop=stop, barrier_timeout=barrier_timeout, on_progress=on_progress
@@ -361,7 +361,7 @@ def cleanup(
 
 
 def history(name: str, *, state_url: str | None = None) -> list[Event]:
-    store = _store_for(state_url)
+    store = _store_for(state_url, name)
     try:
         return store.history(name)
     finally:

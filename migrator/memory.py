@@ -5,8 +5,9 @@ source's own size. That size is estimated in O(samples), never O(N):
 
 * ``MEMORY USAGE key SAMPLES n`` where the server allows it (the server averages ``n``
   members and scales by the member count);
-* else (MEMORY renamed away or denied by an ACL) from ``HRANDFIELD key n WITHVALUES``: the
-  mean field + value length times HLEN, plus a per-member overhead.
+* else (MEMORY renamed away or denied by an ACL) from ``HRANDFIELD key 100 WITHVALUES``, n/100
+  times (each within the budget): the mean field + value length times HLEN, plus a per-member
+  overhead.
 
 The room is what lies below :data:`PAUSE_AT` of ``maxmemory`` (the fraction at which the memory
 gate pauses the copy, ``gates.MemoryGate``), so a copy that passes the preflight does not run
@@ -15,6 +16,7 @@ into that pause by itself. With no ``maxmemory`` the host's total memory is the 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -73,6 +75,28 @@ def mb(n: int) -> str:
     return f"{n / 1_048_576:,.1f} MiB"
 
 
+#: HRANDFIELD of 1,000 fields of a large hash takes the server over a millisecond (the
+#: budget); samples are taken this many at a time.
+SAMPLE_ROUND = 100
+
+
+def sample_fields(
+    client: redis.Redis, key: str, n: int, *, withvalues: bool = False
+) -> Iterator[list[bytes]]:
+    """About ``n`` random fields of ``key`` (``withvalues``: field, value, ...), one HRANDFIELD
+    of SAMPLE_ROUND at a time; a hash smaller than a round gives all its fields once."""
+    per = 2 if withvalues else 1
+    taken = 0
+    while taken < n:
+        got = cast(list[bytes], client.hrandfield(key, SAMPLE_ROUND, withvalues=withvalues) or [])
+        if not got:
+            return
+        yield got
+        taken += len(got) // per
+        if len(got) // per < SAMPLE_ROUND:
+            return
+
+
 def estimate_hash_bytes(client: redis.Redis, key: str, shards: int) -> tuple[int, str]:
     """Bytes the shards of ``key`` will take once copied, and how that was estimated."""
     overhead = shards * KEY_OVERHEAD
@@ -83,7 +107,7 @@ def estimate_hash_bytes(client: redis.Redis, key: str, shards: int) -> tuple[int
     if usage:
         return int(usage) + overhead, f"MEMORY USAGE with {SAMPLES} samples"
     members = cast(int, client.hlen(key))
-    sample = cast(list[bytes], client.hrandfield(key, SAMPLES, withvalues=True) or [])
+    sample = [x for got in sample_fields(client, key, SAMPLES, withvalues=True) for x in got]
     if not members or not sample:
         return overhead, "empty source"
     data = sum(len(x) for x in sample) / (len(sample) / 2)

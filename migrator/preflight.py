@@ -50,33 +50,31 @@ def detect_type(client: redis.Redis, plan: Plan) -> str:
     return kind
 
 
-#: Members sampled for field expiry (HRANDFIELD, then HPEXPIRETIME of the sample).
+#: Fields sampled for field expiry.
 FIELD_TTL_SAMPLE = 1000
 
 
 def check_field_ttls(client: redis.Redis, plan: Plan) -> None:
     """Refuse a source whose fields carry their own expiry (HEXPIRE: Redis 7.4+, Valkey 9).
     The copy and the shim's writes carry values, not field deadlines, so such a field would
-    outlive its expiry in the shards. Asks a sample of the key's fields; a server without
-    field expiry has none to find."""
+    outlive its expiry in the shards. Asks a sample of the key's fields (HRANDFIELD, then
+    HPEXPIRETIME, in small rounds); a server without field expiry has none to find."""
     key = plan.source.key
+    asked = expiring = 0
     try:
-        fields = cast(list[bytes], client.hrandfield(key, FIELD_TTL_SAMPLE))
-    except redis.ResponseError:  # before Redis 6.2: no HRANDFIELD, and no field expiry either
-        return
-    if not fields:
-        return
-    try:
-        deadlines = cast(
-            list[int], client.execute_command("HPEXPIRETIME", key, "FIELDS", len(fields), *fields)
-        )
-    except redis.ResponseError:  # unknown command: no field expiry on this server
-        return
-    expiring = sum(1 for d in deadlines if int(d) > 0)
+        for fields in memory.sample_fields(client, key, FIELD_TTL_SAMPLE):
+            deadlines = cast(
+                list[int],
+                client.execute_command("HPEXPIRETIME", key, "FIELDS", len(fields), *fields),
+            )
+            asked += len(fields)
+            expiring += sum(1 for d in deadlines if int(d) > 0)
+    except redis.ResponseError:  # no HRANDFIELD (before 6.2) or HPEXPIRETIME: no field
+        return  # expiry on this server
     if expiring:
         raise PreflightError(
             f"source key {key!r} has fields with their own expiry (HEXPIRE): {expiring} of "
-            f"{len(fields)} sampled; this release copies values, not field deadlines, so they "
+            f"{asked} sampled; this release copies values, not field deadlines, so they "
             "would outlive their expiry in the shards",
             hint="remove the field deadlines (HPERSIST) first, or leave this key as it is",
         )

@@ -215,13 +215,15 @@ def open_store(url: str | None = None) -> Store:
     return Store(engine, url)
 
 
-def open_existing_store(url: str | None = None) -> Store:
+def open_existing_store(url: str | None = None, *, job: str | None = None) -> Store:
     """The store at ``url`` if it exists; :class:`JobNotFound` (creating nothing) if not: the
-    verbs that act on a registered job."""
+    verbs that act on a registered job (``job``, when they name one)."""
     url = state_url(url)
     if not state_exists(url):
+        what = f"no job named {job!r}" if job else "no job"
         raise JobNotFound(
-            f"no state store at {masked_state_url(url)}, so no job is registered there",
+            f"{what}: there is no state store at {masked_state_url(url)}, so no job is "
+            "registered there",
             hint="run `migrator plan apply FILE` first, or pass --state URL",
         )
     return open_store(url)
