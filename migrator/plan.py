@@ -156,7 +156,10 @@ def parse_duration(v: Any) -> float:
         raise ValueError("a duration is a number of seconds or a string like '2s', '15m', '7d'")
     seconds: float | None = None
     if isinstance(v, (int, float)):
-        seconds = float(v)
+        try:
+            seconds = float(v)
+        except OverflowError:  # an int beyond any float
+            raise ValueError(f"{v!r} is longer than ten years") from None
     elif isinstance(v, str):
         m = _DURATION.match(v)
         if m:

@@ -622,9 +622,13 @@ class Runner:
             if confirmed:
                 found = ", ".join(f"{kind} {n}" for kind, n in sorted(confirmed.items()))
                 if not force:
-                    raise VerificationFailed(
+                    msg = (
                         f"job {self.name}: verify run {run} confirmed differences nobody "
-                        f"repaired ({found}); removing the old key would lose them",
+                        f"repaired ({found}); removing the old key would lose them"
+                    )
+                    self.store.update_job(self.name, last_error=f"cleanup refused: {msg}")
+                    raise VerificationFailed(
+                        msg,
                         hint=f"migrator verify {self.name} --show, then --repair (a clean run "
                         "lets cleanup go on); cleanup --force removes the old key anyway",
                     )

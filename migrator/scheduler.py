@@ -36,6 +36,7 @@ from migrator.errors import Interrupted, JobBusy, MigratorError, VerificationFai
 from migrator.phases import Phase
 from migrator.runner import Runner
 from migrator.store import Job, Store, open_store
+from migrator.urls import mask_url
 
 log = logging.getLogger("migrator.run")
 
@@ -115,7 +116,7 @@ class JobScheduler:
             next_run_time=datetime.now(timezone.utc),
         )
         self._scheduler.start()
-        log.info("migrator run: watching %s every %gs", self.store.url, self.interval)
+        log.info("migrator run: watching %s every %gs", mask_url(self.store.url), self.interval)
 
     def shutdown(self, timeout: float | None = None) -> None:
         """No new work; every worker stops after its batch (checkpoint kept); then return."""
@@ -212,8 +213,9 @@ class JobScheduler:
             log.info("%s: %s", name, e.message)
             self._settle(name, failed=False)
         except VerificationFailed as e:
+            # Waits for the operator; asked again with backoff (a scheduled cleanup stays due).
             log.warning("%s: %s (waiting for `migrator verify %s --repair`)", name, e, name)
-            self._settle(name, failed=False)
+            self._settle(name, failed=True)
         except MigratorError as e:
             log.warning("%s: %s", name, e)
             self._settle(name, failed=True)

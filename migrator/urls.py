@@ -2,26 +2,29 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
-from urllib.parse import parse_qsl, unquote, urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit
 
 from redis.connection import parse_url
 
+_QUERY_PASSWORD = re.compile(r"([?&]password=)[^&#]*")
+
 
 def mask_url(url: str) -> str:
-    """``redis://user:secret@h:6379/0`` → ``redis://user:***@h:6379/0``; a ``password=`` in
-    the query is masked too."""
-    parts = urlsplit(url)
-    if parts.password is not None:
-        user = parts.username or ""
-        host = parts.netloc.rsplit("@", 1)[1]
-        parts = parts._replace(netloc=f"{user}:***@{host}")
-    query = parse_qsl(parts.query, keep_blank_values=True)
-    if any(k == "password" for k, _ in query):
-        parts = parts._replace(
-            query="&".join(f"{k}={'***' if k == 'password' else v}" for k, v in query)
-        )
-    return urlunsplit(parts)
+    """``redis://user:secret@h:6379/0`` → ``redis://user:***@h:6379/0``, and a ``password=``
+    in the query. Done on the text, not by a URL parser: a URL that does not parse (a password
+    with an unencoded ``/``, ``?`` or ``#``, a port that is not a number) is masked too, and
+    one with nothing to mask comes back as it was."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        scheme, rest = "", url
+    at = rest.rfind("@")
+    if at >= 0:
+        user, colon, _secret = rest[:at].partition(":")
+        if colon:
+            rest = f"{user}:***{rest[at:]}"
+    return _QUERY_PASSWORD.sub(r"\1***", f"{scheme}{sep}{rest}")
 
 
 @dataclass(frozen=True)
@@ -47,8 +50,10 @@ def parse_sentinel_url(url: str) -> SentinelURL:
     hosts = []
     for h in hostlist.split(","):
         host, _, port = h.rpartition(":")
-        if host and not port.isdigit():
-            raise ValueError(f"sentinel {h!r}: the port is not a number")
+        if host and not (port.isdigit() and 0 < int(port) < 65536):
+            raise ValueError(f"sentinel {h!r}: the port is not a number from 1 to 65535")
+        if not (host or port):
+            raise ValueError("a sentinel URL names its sentinels: h1:26379,h2:26379")
         hosts.append((host or port, int(port) if host else 26379))
     path = [p for p in parts.path.split("/") if p]
     if not path:

@@ -27,6 +27,7 @@ from migrator.errors import IllegalTransition, InputError, JobNotFound, StoreUna
 from migrator.phases import Phase, check_transition
 from migrator.plan import Plan
 from migrator.store.tables import checkpoints, diffs, events, jobs
+from migrator.urls import mask_url
 
 DEFAULT_STATE_URL = "sqlite:///.migrator/state.db"
 _UPGRADE_LOCK = threading.Lock()
@@ -110,8 +111,9 @@ class Diff:
 
 
 def _engine(url: str) -> Engine:
-    if url.startswith("sqlite:///") and not url.startswith("sqlite:///:memory:"):
-        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    path = _sqlite_file(url)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
     engine = sa.create_engine(url, future=True, pool_pre_ping=True)
     if engine.dialect.name == "sqlite":
 
@@ -154,11 +156,13 @@ def state_url(url: str | None) -> str:
     return url or os.environ.get("MIGRATOR_STATE_URL") or DEFAULT_STATE_URL
 
 
-def masked_state_url(url: str) -> str:
-    try:
-        return sa.engine.make_url(url).render_as_string(hide_password=True)
-    except sa.exc.ArgumentError:
-        return url
+def _sqlite_file(url: str) -> Path | None:
+    """The file of a SQLite store URL (None for others and for ``:memory:``); ValueError or
+    ArgumentError for a URL that does not parse."""
+    u = sa.engine.make_url(url)
+    if u.get_backend_name() != "sqlite" or not u.database or u.database == ":memory:":
+        return None
+    return Path(u.database)
 
 
 @contextmanager
@@ -166,11 +170,11 @@ def opening(url: str) -> Iterator[None]:
     """Turn what goes wrong while opening the store at ``url`` into migrator's errors: a URL
     that is not one, or names a database or driver that is not there, is bad input (exit 2);
     a store that cannot be reached is a runtime failure (exit 1)."""
-    where = masked_state_url(url)
+    where = mask_url(url)
     hint = "pass --state URL or set MIGRATOR_STATE_URL (e.g. sqlite:///.migrator/state.db)"
     try:
         yield
-    except (sa.exc.ArgumentError, sa.exc.NoSuchModuleError) as e:
+    except (sa.exc.ArgumentError, sa.exc.NoSuchModuleError, ValueError) as e:
         raise InputError(f"state store URL {where!r} is not usable: {e}", hint=hint) from None
     except ImportError as e:
         raise InputError(
@@ -188,11 +192,10 @@ def opening(url: str) -> Iterator[None]:
 
 def state_exists(url: str) -> bool:
     """True when the store at ``url`` already holds a schema; never creates anything."""
-    if url.startswith("sqlite:///"):
-        path = url.removeprefix("sqlite:///")
-        if path != ":memory:" and not Path(path).exists():
-            return False
     with opening(url):
+        path = _sqlite_file(url)
+        if path is not None and not path.exists():
+            return False  # and connecting would create the file
         engine = sa.create_engine(url)
         try:
             with engine.connect() as conn:
@@ -222,8 +225,7 @@ def open_existing_store(url: str | None = None, *, job: str | None = None) -> St
     if not state_exists(url):
         what = f"no job named {job!r}" if job else "no job"
         raise JobNotFound(
-            f"{what}: there is no state store at {masked_state_url(url)}, so no job is "
-            "registered there",
+            f"{what}: there is no state store at {mask_url(url)}, so no job is registered there",
             hint="run `migrator plan apply FILE` first, or pass --state URL",
         )
     return open_store(url)
@@ -256,7 +258,7 @@ class Store:
     def _job(self, conn: Connection, name: str) -> Job:
         row = conn.execute(sa.select(jobs).where(jobs.c.name == name)).first()
         if row is None:
-            raise JobNotFound(f"no job named {name!r} in the state store {self.url}")
+            raise JobNotFound(f"no job named {name!r} in the state store {mask_url(self.url)}")
         return Job.from_row(row)
 
     def get_job(self, name: str) -> Job:

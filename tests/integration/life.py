@@ -56,6 +56,7 @@ _BOUNDED = {
     b"HMGET", b"HSET", b"HDEL", b"HGET", b"HEXISTS", b"HSETNX", b"HSETEX", b"HINCRBY",
     b"HINCRBYFLOAT",
     b"EXISTS", b"TYPE", b"TIME", b"PTTL", b"PEXPIRETIME", b"PEXPIREAT",
+    b"INFO", b"PING",  # the gates' probes: nothing to do with the key's size
 }  # fmt: skip
 
 

@@ -149,6 +149,14 @@ VERB_CASES = {
         ["status", "--state", "foo://x"],
         "state store URL 'foo://x' is not usable",
     ),
+    "state-url-port": (
+        ["status", "--state", "postgresql://u:s3cret@h:abc/db"],
+        "state store URL 'postgresql://u:***@h:abc/db' is not usable",
+    ),
+    "state-url-without-scheme": (
+        ["status", "--state", "u:s3cret@h/db"],
+        "state store URL 'u:***@h/db' is not usable",
+    ),
 }
 
 
@@ -160,7 +168,7 @@ def test_a_bad_argument_or_store_is_refused_before_anything_is_written(
     res = run_cli(*args, cwd=tmp_path)
     assert res.returncode == 2, (res.returncode, res.stdout, res.stderr)
     assert needle in res.stderr, res.stderr
-    assert "Traceback" not in res.stderr
+    assert "Traceback" not in res.stderr and "s3cret" not in res.stderr
     assert not (tmp_path / ".migrator").exists(), "a state store was created"
 
 

@@ -128,3 +128,36 @@ def test_run_leaves_a_failed_verification_to_the_operator(
     assert res.returncode == 0, res.stderr
     assert job_state(state_url)["phase"] == "verifying"
     assert len(commands.history(JOB, state_url=state_url)) == before  # nothing was re-run
+
+
+def test_a_scheduled_cleanup_waits_for_unrepaired_differences_without_spinning(
+    redis_server: RedisServer, r: redis.Redis, tmp_path: Path, state_url: str
+) -> None:
+    """cleanup.after has passed, but the last verify run (in cutover) confirmed a difference:
+    the runner leaves the old key, says why in status, asks again with backoff rather than
+    every tick, and cleans up once a repair made the run clean."""
+    seed_hash(r, SOURCE, 2000)
+    plan = write_plan(
+        tmp_path / "p.yaml", redis_server.url, shards=4, extra="cleanup: {after: 1s}\n"
+    )
+    env = cli_env(state_url)
+    commands.apply(str(plan), state_url=state_url, allow_no_instances=True)
+    commands.set_ratio(100, name=JOB, state_url=state_url)
+    r.hset("big:0", "intruder", "x")  # written outside the shim
+    assert run_cli("verify", JOB, "--delay", "0.1", env=env).returncode == 3
+    runner = migrator_popen("run", "--interval", "0.2", env=env)
+    try:
+        eventually(
+            lambda: "cleanup refused" in (commands.status(state_url, JOB)[0]["last_error"] or ""),
+            20,
+            "the refusal in status",
+        )
+        time.sleep(3.0)  # 15 ticks: backoff asks 2-3 times
+        assert job_state(state_url)["phase"] == "cutover" and r.exists(SOURCE)
+        assert run_cli("verify", JOB, "--repair", "--delay", "0.1", env=env).returncode == 0
+        eventually(lambda: job_state(state_url)["phase"] == "done", 30, "the cleanup")
+    finally:
+        code, err = _terminate(runner)
+    assert code == 0, err
+    refusals = err.count("confirmed differences nobody repaired")
+    assert 1 <= refusals <= 4, err  # not once a tick

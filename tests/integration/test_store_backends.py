@@ -15,7 +15,7 @@ import sqlalchemy as sa
 from migrator.errors import IllegalTransition, JobNotFound
 from migrator.phases import Phase
 from migrator.plan import parse_plan
-from migrator.store import open_store, peek_job
+from migrator.store import open_existing_store, open_store, peek_job, state_exists
 
 PG = os.environ.get("MIGRATOR_TEST_POSTGRES_URL")
 
@@ -50,6 +50,30 @@ def test_peek_writes_nothing_then_open_migrates(backend_url: str) -> None:
         assert open_store(backend_url).get_job("s-job") == job  # second open: no re-migration
     finally:
         store.close()
+
+
+def test_a_registered_job_is_found_through_any_form_of_the_url(tmp_path: Path) -> None:
+    """The verbs ask whether a store exists before opening it (so as to create none to refuse
+    an unknown job): a SQLite URL with a query string or a driver name is the same file."""
+    path = tmp_path / "s" / "state.db"
+    store = open_store(f"sqlite:///{path}?timeout=30")
+    try:
+        job = store.create_job(PLAN)
+    finally:
+        store.close()
+    for url in (f"sqlite:///{path}?timeout=30", f"sqlite+pysqlite:///{path}"):
+        assert state_exists(url)
+        assert peek_job(url, "s-job") == job
+        store = open_existing_store(url)
+        try:
+            assert store.get_job("s-job") == job
+        finally:
+            store.close()
+    elsewhere = tmp_path / "none" / "state.db"
+    assert not state_exists(f"sqlite+pysqlite:///{elsewhere}")
+    with pytest.raises(JobNotFound, match="no job named 's-job': there is no state store"):
+        open_existing_store(f"sqlite:///{elsewhere}?timeout=30", job="s-job")
+    assert not elsewhere.parent.exists()  # asking created nothing
 
 
 def test_transitions_checkpoints_events_diffs(backend_url: str) -> None:

@@ -33,6 +33,11 @@ def test_secrets_are_masked() -> None:
     assert p.masked()["redis"]["url"] == "redis://app:***@h:6379/0"
     assert mask_url("redis://h:1/0") == "redis://h:1/0"
     assert mask_url("redis://h:1/0?password=s3cret&db=2") == "redis://h:1/0?password=***&db=2"
+    # On the text, so a URL that does not parse is masked too; nothing to mask: unchanged.
+    assert mask_url("redis://u:abc?def@h/0") == "redis://u:***@h/0"
+    assert mask_url("u:s3cret@h/db") == "u:***@h/db"
+    assert mask_url("unix:///tmp/r.sock") == "unix:///tmp/r.sock"
+    assert mask_url("redis://user@h/0") == "redis://user@h/0"
     bad = GOOD.replace("${REDIS_URL:-redis://127.0.0.1:6379/0}", "redis://u:s3cret@h:x/0")
     with pytest.raises(PlanError) as e:
         parse_plan(bad, env={})
@@ -68,6 +73,7 @@ def test_secrets_are_masked() -> None:
         (GOOD.replace("after: 7d", "after: .nan"), "cleanup.after: nan is not a duration"),
         (GOOD.replace("after: 7d", "after: .inf"), "cleanup.after: inf is longer than ten years"),
         (GOOD.replace("after: 7d", "after: 99999999999d"), "longer than ten years"),
+        (GOOD.replace("after: 7d", "after: " + "9" * 400), "longer than ten years"),
         (
             GOOD.replace("${REDIS_URL:-redis://127.0.0.1:6379/0}", "redis://h:abc/0"),
             "redis.url: redis://h:abc/0 is not a usable Redis URL: Port could not be cast",

@@ -1,5 +1,5 @@
 -- Shared helpers, prepended to every migrator script (see migrator/redisio/scripts.py):
--- time, TTL. Scripts that route members get crc32.lua as well; the others do without it,
+-- time, TTL, and commands of many arguments sent in parts. Scripts that route members get crc32.lua as well; the others do without it,
 -- since its table would be built again on every call.
 -- What a shim writes into a shard in place of a member it deletes while the copy may run
 -- (dual_write, copying): the copy inserts only what a shard lacks (HSETNX), so a deleted member
