@@ -202,7 +202,7 @@ class ReplicaLagGate(Gate):
 
 
 class ShimProtocolGate(Gate):
-    """Holds while a live app instance runs a shim older than ``need`` (``control.PROTOCOL``).
+    """Holds while a live app instance runs a shim older than ``need`` (``control.MARKS_PROTOCOL``).
 
     The copy inserts only where a shard lacks a member, which is safe because every delete a
     shim makes meanwhile leaves a mark (copier.py); a shim from before the marks deletes
