@@ -30,8 +30,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import redis
+from sqlalchemy import exc as sa_exc
 
-from migrator import control
+from migrator import control, store
 from migrator.memory import PAUSE_AT, info, mb
 from migrator.throttle import Gate
 
@@ -41,10 +42,11 @@ PAUSE_FILE_ENV = "MIGRATOR_PAUSE_FILE"
 
 def state_dir(state_url: str | None) -> Path:
     """Where pause files live: next to the SQLite state file, else ``./.migrator``."""
-    url = state_url or os.environ.get("MIGRATOR_STATE_URL") or "sqlite:///.migrator/state.db"
-    if url.startswith("sqlite:///") and not url.startswith("sqlite:///:memory:"):
-        return Path(url.removeprefix("sqlite:///")).parent
-    return Path(".migrator")
+    try:
+        path = store.sqlite_file(store.state_url(state_url))
+    except (ValueError, sa_exc.ArgumentError):  # a bad URL: the store refuses it itself
+        path = None
+    return path.parent if path is not None else Path(".migrator")
 
 
 def pause_files(job: str, state_url: str | None) -> list[Path]:

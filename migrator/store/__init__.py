@@ -11,6 +11,7 @@ from migrator.store.repository import (
     open_existing_store,
     open_store,
     peek_job,
+    sqlite_file,
     state_exists,
     state_url,
 )
@@ -26,6 +27,7 @@ __all__ = [
     "open_existing_store",
     "open_store",
     "peek_job",
+    "sqlite_file",
     "state_exists",
     "state_url",
 ]

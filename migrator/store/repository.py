@@ -111,7 +111,7 @@ class Diff:
 
 
 def _engine(url: str) -> Engine:
-    path = _sqlite_file(url)
+    path = sqlite_file(url)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
     engine = sa.create_engine(url, future=True, pool_pre_ping=True)
@@ -156,7 +156,7 @@ def state_url(url: str | None) -> str:
     return url or os.environ.get("MIGRATOR_STATE_URL") or DEFAULT_STATE_URL
 
 
-def _sqlite_file(url: str) -> Path | None:
+def sqlite_file(url: str) -> Path | None:
     """The file of a SQLite store URL (None for others and for ``:memory:``); ValueError or
     ArgumentError for a URL that does not parse."""
     u = sa.engine.make_url(url)
@@ -193,7 +193,7 @@ def opening(url: str) -> Iterator[None]:
 def state_exists(url: str) -> bool:
     """True when the store at ``url`` already holds a schema; never creates anything."""
     with opening(url):
-        path = _sqlite_file(url)
+        path = sqlite_file(url)
         if path is not None and not path.exists():
             return False  # and connecting would create the file
         engine = sa.create_engine(url)
