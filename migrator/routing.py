@@ -25,9 +25,12 @@ from collections.abc import Callable
 Member = bytes | str
 
 
-def to_bytes(member: Member | int | float) -> bytes:
+def to_bytes(member: Member | int | float | memoryview) -> bytes:
+    """The bytes redis-py (with hiredis) sends for a member: the copy routes those."""
     if isinstance(member, bytes):
         return member
+    if isinstance(member, memoryview):
+        return member.tobytes()
     if isinstance(member, str):
         return member.encode("utf-8")
     return str(member).encode("utf-8")

@@ -19,8 +19,17 @@ FALLBACKS = "fallbacks"  # shard-path reads that missed the shard and went to th
 LOADER_CALLS = "loader_calls"  # members that missed Redis entirely and went to the app loader
 SHADOW_MISMATCHES = "shadow_mismatches"  # shadow reads whose shard value differed from the source
 DUAL_WRITE_ERRORS = "dual_write_errors"  # dual-write script calls that raised
+STALE_RETRIES = "stale_retries"  # members of dual writes refused as stale and routed again
 
-NAMES = (READS_SHARD, READS_OLD, FALLBACKS, LOADER_CALLS, SHADOW_MISMATCHES, DUAL_WRITE_ERRORS)
+NAMES = (
+    READS_SHARD,
+    READS_OLD,
+    FALLBACKS,
+    LOADER_CALLS,
+    SHADOW_MISMATCHES,
+    DUAL_WRITE_ERRORS,
+    STALE_RETRIES,
+)
 
 
 class Counters:

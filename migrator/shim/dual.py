@@ -28,6 +28,20 @@ class DualCall:
     source_key: str
     shard_key: str
     args: Sequence[Any]  # op, then the op's arguments (see hash_dual.lua)
+    #: The job's control record and the epoch the call was routed by: the script runs only
+    #: while that epoch is current, else refuses (:func:`stale`) having written nothing.
+    fence: tuple[str, int] | None = None
+
+    def keys(self) -> list[str]:
+        return [self.source_key, self.shard_key, *([self.fence[0]] if self.fence else [])]
+
+    def argv(self) -> list[Any]:
+        return [*self.args, *([self.fence[1]] if self.fence else [])]
+
+
+def stale(result: Any) -> bool:
+    """A fenced call refused because the control record moved past its epoch."""
+    return isinstance(result, redis.ResponseError) and str(result).startswith("MIGRATORSTALE")
 
 
 class DualWriter:
@@ -38,14 +52,20 @@ class DualWriter:
         self._script = client.register_script(source("hash_dual"))
 
     def run(self, calls: Sequence[DualCall]) -> list[Any]:
-        """Results in call order; raises the first error after every call was attempted.
+        """Results in call order; raises the first error after every call was attempted,
+        except a fenced call's refusal (:func:`stale`), which is its result.
 
         Each call is atomic on its own (source + one shard); a batch is not atomic across
         shards, exactly like the non-transactional multi-key writes it replaces.
         """
         if len(calls) == 1:
             c = calls[0]
-            return [self._script(keys=[c.source_key, c.shard_key], args=list(c.args))]
+            try:
+                return [self._script(keys=c.keys(), args=c.argv())]
+            except redis.ResponseError as e:
+                if stale(e):
+                    return [e]
+                raise
         results = self._pipeline(calls)
         retry = [i for i, r in enumerate(results) if isinstance(r, NoScriptError)]
         if retry:
@@ -53,12 +73,13 @@ class DualWriter:
             for i, r in zip(retry, self._pipeline([calls[i] for i in retry]), strict=True):
                 results[i] = r
         for r in results:
-            if isinstance(r, Exception):
+            if isinstance(r, Exception) and not stale(r):
                 raise r
         return results
 
     def _pipeline(self, calls: Sequence[DualCall]) -> list[Any]:
         pipe = self._client.pipeline(transaction=False)
         for c in calls:
-            pipe.evalsha(self._script.sha, 2, c.source_key, c.shard_key, *c.args)
+            keys = c.keys()
+            pipe.evalsha(self._script.sha, len(keys), *keys, *c.argv())
         return list(pipe.execute(raise_on_error=False))

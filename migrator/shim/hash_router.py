@@ -34,12 +34,13 @@ from typing import Any
 
 import redis
 
+from migrator import keys
 from migrator.control import ControlRecord
 from migrator.phases import TOMBSTONE, marks_deletes
 from migrator.routing import shard_of
 from migrator.shim import counters as c
-from migrator.shim.dual import DualCall, DualWriter
-from migrator.shim.errors import ShimNotConfigured, ShimReservedValue, ShimWrongType
+from migrator.shim.dual import DualCall, DualWriter, stale
+from migrator.shim.errors import ShimError, ShimNotConfigured, ShimReservedValue, ShimWrongType
 from migrator.shim.routes import (
     ReadPath,
     WriteMode,
@@ -54,6 +55,10 @@ log = logging.getLogger("migrator.shim")
 
 #: ``loader(member)`` → the member's value from the system of record, or None when it has none.
 Loader = Callable[[Any], Any]
+
+#: Attempts at a dual write whose record keeps moving on under it (each refresh reads the
+#: record afresh; a phase change takes one).
+_STALE_RETRIES = 5
 
 # How each write op is sent as a plain command (old-only and shards-only phases); ``target`` is
 # a client or a pipeline, ``args`` the op's arguments exactly as hash_dual.lua takes them.
@@ -210,33 +215,62 @@ class ShardRouter:
         """Apply ``op`` to ``items`` (each: member, then its arguments); raw results per command.
 
         Multi-member calls send one command or script per shard touched, in one round trip.
+        A dual write refused as stale (the record moved on while it was under way) wrote
+        nothing: its members are routed again by the record read afresh.
         """
+        results: list[Any] = []
+        for _ in range(_STALE_RETRIES):
+            done, again = self._write_once(op, items)
+            results += done
+            if not again:
+                return results
+            self._watcher.counters.add(c.STALE_RETRIES, len(again))
+            self._watcher.refresh()
+            items = again
+        raise ShimError(
+            f"the control record of job {self.job!r} kept moving on while writing "
+            f"{len(items)} member(s); nothing of those was written"
+        )
+
+    def _write_once(
+        self, op: str, items: list[tuple[Any, ...]]
+    ) -> tuple[list[Any], list[tuple[Any, ...]]]:
+        """One attempt: (results, items to route again)."""
         with self._watcher.call() as record:
             source = self._source(record)
             mode = write_mode(record)
             if mode is WriteMode.OLD:
-                return [_PLAIN[op](self._client, source, _flat(items))]
+                return [_PLAIN[op](self._client, source, _flat(items))], []
             assert record is not None  # DUAL and SHARDS need a record
             groups = _by_shard(record, items)
             if mode is WriteMode.DUAL or mode is WriteMode.MIRROR:
+                script_op = op
                 if op == "hdel" and mode is WriteMode.DUAL and marks_deletes(record.phase):
-                    op = "hdel_mark"  # the copy may run: leave a mark (phases.TOMBSTONE)
+                    script_op = "hdel_mark"  # the copy may run: leave a mark (phases.TOMBSTONE)
+                fence = (keys.control(record.job), record.epoch)
                 # DualCall's first key is the one written first, whose result the other takes.
                 calls = [
-                    DualCall(source, key, [op, *_flat(g)])
+                    DualCall(source, key, [script_op, *_flat(g)], fence)
                     if mode is WriteMode.DUAL
-                    else DualCall(key, source, [op, *_flat(g)])
+                    else DualCall(key, source, [script_op, *_flat(g)], fence)
                     for key, g in groups.items()
                 ]
                 try:
-                    return self._dual.run(calls)
+                    out = self._dual.run(calls)
                 except Exception:
                     self._watcher.counters.add(c.DUAL_WRITE_ERRORS)
                     raise
+                again = [
+                    item
+                    for r, g in zip(out, groups.values(), strict=True)
+                    if stale(r)
+                    for item in g
+                ]
+                return [r for r in out if not stale(r)], again
             pipe = self._client.pipeline(transaction=False)
             for key, group in groups.items():
                 _PLAIN[op](pipe, key, _flat(group))
-            return list(pipe.execute())
+            return list(pipe.execute()), []
 
     # -- reads ------------------------------------------------------------------------------
 
@@ -283,7 +317,12 @@ class ShardRouter:
         exists, length = pipe.execute()
         if not exists:
             return False
-        return length != len(TOMBSTONE) or not _is_mark(self._client.hget(key, member))
+        if length != len(TOMBSTONE):
+            return True
+        # As long as a mark: read it. It may be gone since (a verify pass sweeping marks), and
+        # a member gone from the shard is not held there either.
+        value = self._client.hget(key, member)
+        return value is not None and not _is_mark(value)
 
     def hlen(self) -> int:
         """Members in the logical hash: HLEN of the source, or the sum over shards once the
@@ -434,7 +473,9 @@ def _refuse_mark(member: Any, value: Any) -> None:
 
 
 def _shard_key(record: ControlRecord, member: Any) -> str:
-    # routing.to_bytes turns ints and floats into str() bytes, as redis-py sends them.
+    """The member's shard, computed on the bytes the client sends for it (routing.to_bytes: a
+    memoryview's contents, an int's digits, a str's UTF-8, as redis-py with hiredis sends it):
+    the bytes the copy reads back and routes by."""
     return record.shard_key(shard_of(member, record.shards, record.hash))
 
 

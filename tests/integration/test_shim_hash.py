@@ -413,6 +413,63 @@ def test_members_given_as_int_or_bytes_route_like_their_text(
     assert r.hget(shard_key("bytes"), "bytes") == b"y"
 
 
+def test_members_route_by_the_bytes_the_client_sends(r: redis.Redis, attach: Attach) -> None:
+    """The copy routes what HSCAN returns, the bytes on the wire: the shim must route those
+    too, whatever form the member was given in, or the copy and the shim put one member into
+    two shards. A memoryview is sent as its contents (not as its repr), a str as UTF-8."""
+    control.publish(r, record(P.DONE))
+    users = attach()
+    users.hset(memoryview(b"user:1"), "mv")
+    users.hset("caf\u00e9", "text")
+    assert r.hget(shard_key("user:1"), b"user:1") == b"mv"
+    assert r.hget(shard_key("caf\u00e9"), "caf\u00e9".encode()) == b"text"
+    assert users.hget(b"user:1") == b"mv" and users.hget(memoryview(b"user:1")) == b"mv"
+
+
+def test_hexists_on_a_mark_swept_meanwhile_asks_the_source(r: redis.Redis, attach: Attach) -> None:
+    """A shard read that sees a mark's length and then finds the member gone (a verify pass
+    swept the mark in between) must not report the member: it asks the source."""
+    control.publish(r, record(P.CUTOVER, ratio=100))
+    r.hset(shard_key("m"), "m", TOMBSTONE)  # source lacks m: it was deleted
+
+    class SweepBeforeRead(redis.Redis):
+        def hget(self, name: Any, key: Any) -> Any:
+            r.hdel(name, key)  # the sweep lands between the shim's two round trips
+            return super().hget(name, key)
+
+    sweeping = SweepBeforeRead(connection_pool=r.connection_pool)
+    users = attach(sweeping)
+    assert users.hexists("m") is False
+    assert r.hexists(shard_key("m"), "m") == 0
+
+
+def test_a_write_routed_by_a_record_the_runner_has_moved_past_is_routed_again(
+    r: redis.Redis, attach: Attach
+) -> None:
+    """A dual write held up past the runner's next steps (its instance silent for longer than
+    the live window, so the barriers went on without it) must not write by the old routing:
+    here cleanup has removed the old key and reached done while the instance still holds the
+    cutover record. The script refuses it (nothing written), the shim reads the record
+    afresh and writes the shards only."""
+    control.publish(r, record(P.CUTOVER, ratio=100, epoch=4))
+    users = attach()
+    users.hset("c", 1000)
+    # This instance stalls: its background refresh stops (what a stalled process looks like).
+    watcher = users._watcher
+    watcher._stop.set()
+    assert watcher._thread is not None
+    watcher._thread.join(5)
+    assert r.hget(SOURCE, "c") == b"1000" and r.hget(shard_key("c"), "c") == b"1000"
+    # The runner moves on without this instance: cleaning, retired, old key gone, done.
+    r.delete(SOURCE)
+    control.publish(r, record(P.DONE, epoch=7))
+    assert users.record is not None and users.record.epoch == 4  # still the old routing
+    assert users.hincrby("c", 5) == 1005
+    assert not r.exists(SOURCE)  # an increment on the old routing would have recreated it
+    assert r.hget(shard_key("c"), "c") == b"1005"
+    assert users.record.epoch == 7 and users.counters()["stale_retries"] == 1
+
+
 def test_a_closed_router_refuses_calls(r: redis.Redis, attach: Attach) -> None:
     users = attach(source_key=SOURCE)
     users.close()

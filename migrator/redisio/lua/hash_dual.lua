@@ -10,15 +10,30 @@
 -- touches it again (copier.py has the argument). Both orders keep this, so instances in neighbouring phases (cutover:
 -- source first; cleaning: shard first) may run side by side; shards-only writers run only
 -- beside shard-first ones (Runner.cleanup's second barrier), for which the shard is the truth.
+-- A fenced call names the job's control record as KEYS[3] and, as its last ARGV, the epoch of
+-- the record it was routed by; it runs only while that epoch is current. A call held up past
+-- the runner's next step (its instance silent for longer than the live window, so the
+-- barriers went on without it) would otherwise write by a routing nobody uses any more: an
+-- increment landing on an old key cleanup removed, a shard rollback removed. Refused, it
+-- wrote nothing, and the shim routes it again by the current record.
+local last = #ARGV
+if KEYS[3] then
+  local current = redis.call('HGET', KEYS[3], 'epoch')
+  if current ~= ARGV[last] then
+    return redis.error_reply('MIGRATORSTALE routed by epoch ' .. ARGV[last] .. ', now ' ..
+      tostring(current))
+  end
+  last = last - 1
+end
 local op = ARGV[1]
 local first, second = KEYS[1], KEYS[2]
 local result
 if op == 'hset' then
-  result = call_parts('HSET', first, ARGV, 2, #ARGV, 2)
-  call_parts('HSET', second, ARGV, 2, #ARGV, 2)
+  result = call_parts('HSET', first, ARGV, 2, last, 2)
+  call_parts('HSET', second, ARGV, 2, last, 2)
 elseif op == 'hdel' then
-  result = call_parts('HDEL', first, ARGV, 2, #ARGV, 1)
-  call_parts('HDEL', second, ARGV, 2, #ARGV, 1)
+  result = call_parts('HDEL', first, ARGV, 2, last, 1)
+  call_parts('HDEL', second, ARGV, 2, last, 1)
   return result
 elseif op == 'hdel_mark' then
   -- dual_write, copying: a member the source held is marked in the shard, so that no value
@@ -26,7 +41,7 @@ elseif op == 'hdel_mark' then
   -- marked by the delete that removed it, or never scanned.) One member per call: no limit on
   -- how many a delete names.
   result = 0
-  for i = 2, #ARGV do
+  for i = 2, last do
     if redis.call('HDEL', first, ARGV[i]) == 1 then
       result = result + 1
       redis.call('HSET', second, ARGV[i], TOMBSTONE)
