@@ -65,6 +65,8 @@ def apply(
     ``force`` copies even when the memory preflight finds too little headroom (audited)."""
     plan = load_plan(path)
     existing = peek_job(state_url, plan.name)
+    if existing and existing.phase not in TERMINAL and _moved_server(existing, plan):
+        existing = _follow_server(existing, plan, state_url)
     if existing and existing.spec_hash != plan.spec_hash() and existing.phase not in TERMINAL:
         raise PlanConflict(
             f"job {plan.name!r} is active (phase {existing.phase}) with a different plan; "
@@ -86,10 +88,13 @@ def apply(
         client.close()
     store = open_store(state_url)
     try:
+        floor = report.published_epoch if report is not None else 0
         if existing is None:
-            store.create_job(plan, allow_no_instances=allow_no_instances)
+            store.create_job(plan, allow_no_instances=allow_no_instances, epoch_floor=floor)
         elif existing.phase == Phase.ROLLED_BACK:
-            store.reset_for_reapply(plan.name, plan)
+            store.reset_for_reapply(
+                plan.name, plan, epoch_floor=floor, allow_no_instances=allow_no_instances
+            )
         if force and report is not None and report.headroom is not None:
             room = report.headroom
             store.add_event(
@@ -104,6 +109,47 @@ def apply(
             store, plan.name, stop=stop, on_progress=on_progress, barrier_timeout=barrier_timeout
         )
         return runner.apply()
+    finally:
+        store.close()
+
+
+def _moved_server(job: Job, plan: Plan) -> bool:
+    """The plan differs from the job's only in ``redis.url``: the server moved (a failover to
+    a new address, a rotated password), not the plan."""
+    stored = dict(job.spec)
+    return stored["redis"] != plan.spec()["redis"] and {**stored, "redis": None} == {
+        **plan.spec(),
+        "redis": None,
+    }
+
+
+def _follow_server(job: Job, plan: Plan, state_url: str | None) -> Job:
+    """Point an active job at its server's new URL (audited), once that server proves to be the
+    job's own: it holds the job's control record at the job's epoch (a job not yet published
+    has nothing there to check and nothing to lose by moving). Without this, a job whose
+    server moved could neither go on nor be rolled back."""
+    client = connect(plan.redis.url, name=f"migrator:{plan.name}:preflight")
+    try:
+        record = control.read(client, plan.name)
+    finally:
+        client.close()
+    if job.phase != Phase.PLANNED and (record is None or record.epoch != job.epoch):
+        seen = "none" if record is None else f"epoch {record.epoch}"
+        raise PlanConflict(
+            f"job {plan.name!r} (phase {job.phase}, epoch {job.epoch}) runs on "
+            f"{Plan.from_spec(job.spec).masked()['redis']['url']}; the Redis at "
+            f"{plan.masked()['redis']['url']} does not hold its control record at that epoch "
+            f"({seen}), so it is not that server",
+            hint="a job's redis.url may change only to the same server under another address",
+        )
+    store = open_store(state_url)
+    try:
+        old = Plan.from_spec(job.spec).masked()["redis"]["url"]
+        store.update_job(plan.name, spec=plan.spec(), spec_hash=plan.spec_hash())
+        store.add_event(
+            plan.name, "redis_url", to_value=plan.masked()["redis"]["url"], detail=f"was {old}"
+        )
+        return store.get_job(plan.name)
     finally:
         store.close()
 

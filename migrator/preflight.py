@@ -9,6 +9,7 @@ import redis
 
 from migrator import control, memory
 from migrator.errors import PreflightError
+from migrator.phases import TERMINAL
 from migrator.plan import Plan
 
 
@@ -18,6 +19,27 @@ class PreflightReport:
     members: int
     live_instances: int
     headroom: memory.Headroom | None = None
+    #: The epoch of a control record an earlier run of this job name left in Redis (0: none).
+    #: The job's epochs continue above it, so that no shim still holding it counts as having
+    #: acknowledged an epoch the new run publishes.
+    published_epoch: int = 0
+
+
+def check_published(client: redis.Redis, plan: Plan) -> int:
+    """The epoch of this job name's control record in Redis, if a finished run left one; a
+    record of a job still under way refuses the plan: another state store drives that job."""
+    record = control.read(client, plan.name)
+    if record is None:
+        return 0
+    if record.phase not in TERMINAL:
+        raise PreflightError(
+            f"job {plan.name!r} is already under way on this Redis (phase {record.phase.value}, "
+            f"epoch {record.epoch}) but this state store has no such job: another state store "
+            "drives it",
+            hint="run migrator with the state store that applied it (--state URL or "
+            "$MIGRATOR_STATE_URL), or give this plan another name",
+        )
+    return record.epoch
 
 
 def check_memory(client: redis.Redis, plan: Plan, *, force: bool) -> memory.Headroom:
@@ -94,6 +116,7 @@ def preflight(
     """Refuse (PreflightError, exit 2) a plan the target cannot take; else report what it saw.
 
     ``force`` overrides the memory check only (the caller audits it)."""
+    published = check_published(client, plan)
     kind = detect_type(client, plan)
     check_field_ttls(client, plan)
     taken = taken_shard_keys(client, plan)
@@ -113,4 +136,5 @@ def preflight(
             f"{plan.source.key!r} meanwhile",
         )
     room = check_memory(client, plan, force=force)
-    return PreflightReport(kind, cast(int, client.hlen(plan.source.key)), len(live), room)
+    members = cast(int, client.hlen(plan.source.key))
+    return PreflightReport(kind, members, len(live), room, published_epoch=published)

@@ -269,7 +269,11 @@ class Store:
         with self.engine.connect() as conn:
             return [Job.from_row(r) for r in conn.execute(sa.select(jobs).order_by(jobs.c.id))]
 
-    def create_job(self, plan: Plan, *, allow_no_instances: bool = False) -> Job:
+    def create_job(
+        self, plan: Plan, *, allow_no_instances: bool = False, epoch_floor: int = 0
+    ) -> Job:
+        """Register a job; its epochs start above ``epoch_floor`` (the epoch an earlier run of
+        the same name left published in Redis)."""
         t = now()
         with self.engine.begin() as conn:
             inserted = conn.execute(
@@ -279,7 +283,7 @@ class Store:
                     spec_hash=plan.spec_hash(),
                     phase=Phase.PLANNED.value,
                     ratio=0,
-                    epoch=1,
+                    epoch=epoch_floor + 1,
                     salt=secrets.token_hex(8),
                     paused=False,
                     rate_override=None,
@@ -342,8 +346,11 @@ class Store:
                 self._event(conn, job.id, "ratio", str(job.ratio), str(ratio), detail)
             return self._job(conn, name)
 
-    def reset_for_reapply(self, name: str, plan: Plan) -> Job:
-        """A rolled-back job applied again: back to planned with fresh checkpoints."""
+    def reset_for_reapply(
+        self, name: str, plan: Plan, epoch_floor: int = 0, *, allow_no_instances: bool = False
+    ) -> Job:
+        """A rolled-back job applied again: back to planned with fresh checkpoints, no
+        operator pause or rate override, its epoch above both its own and ``epoch_floor``."""
         with self.engine.begin() as conn:
             job = self._job(conn, name)
             check_transition(job.phase, Phase.PLANNED)
@@ -354,7 +361,11 @@ class Store:
                 .values(
                     phase=Phase.PLANNED.value,
                     ratio=0,
-                    epoch=job.epoch + 1,
+                    epoch=max(job.epoch, epoch_floor) + 1,
+                    allow_no_instances=allow_no_instances,
+                    # The operator's pause and rate belonged to the run rolled back.
+                    paused=False,
+                    rate_override=None,
                     spec=plan.spec(),
                     spec_hash=plan.spec_hash(),
                     updated_at=now(),
@@ -366,6 +377,10 @@ class Store:
             self._event(
                 conn, job.id, "phase", job.phase.value, Phase.PLANNED.value, "applied again"
             )
+            if allow_no_instances:
+                self._event(
+                    conn, job.id, "flag", None, "allow_no_instances", "apply --allow-no-instances"
+                )
             return self._job(conn, name)
 
     def update_job(self, name: str, *, audit: str | None = None, **values: Any) -> Job:

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -68,6 +69,75 @@ def test_apply_copies_verifies_and_reports(
     with pytest.raises(PlanConflict) as e:
         commands.apply(str(changed), state_url=state_url, allow_no_instances=True)
     assert '"shards": 8' in str(e.value) and '"shards": 16' in str(e.value)
+
+
+def test_a_job_name_another_store_drives_is_refused_and_epochs_never_restart(
+    redis_server: RedisServer, r: redis.Redis, tmp_path: Path, state_url: str
+) -> None:
+    """The barrier counts a shim as caught up when it has applied the published epoch or a
+    later one, so a job name applied again from another state store (another working
+    directory, a lost SQLite file) must not start its epochs over below what shims still
+    hold; and while the first store's job is under way the second is refused outright."""
+    seed_hash(r, "big:hash", 2000)
+    plan = write_plan(tmp_path / "p.yaml", redis_server.url)
+    other = f"sqlite:///{tmp_path}/other.db"
+    commands.apply(str(plan), state_url=state_url, allow_no_instances=True)
+
+    res = run_cli("plan", "apply", str(plan), "--allow-no-instances", "--state", other)
+    assert res.returncode == 2, res.stderr
+    assert "already under way on this Redis (phase verified" in res.stderr
+    assert "--state" in res.stderr
+    assert not (tmp_path / "other.db").exists()  # refused before anything was written
+
+    rolled = commands.rollback("t-job", state_url=state_url)
+    again = commands.apply(str(plan), state_url=other, allow_no_instances=True)
+    assert again.phase == "verified" and again.epoch > rolled.epoch
+    assert int(r.hget(keys.control("t-job"), "epoch")) == again.epoch
+
+
+def test_a_done_jobs_name_refuses_another_plan(
+    redis_server: RedisServer, r: redis.Redis, tmp_path: Path, state_url: str
+) -> None:
+    seed_hash(r, "big:hash", 500)
+    plan = write_plan(tmp_path / "p.yaml", redis_server.url)
+    commands.apply(str(plan), state_url=state_url, allow_no_instances=True)
+    commands.set_ratio(100, name="t-job", state_url=state_url)
+    assert commands.cleanup("t-job", state_url=state_url).phase == "done"
+    same = run_cli("plan", "apply", str(plan), "--state", state_url)
+    assert same.returncode == 0, same.stderr  # the same plan: nothing to do
+    changed = write_plan(tmp_path / "p2.yaml", redis_server.url, shards=16)
+    res = run_cli("plan", "apply", str(changed), "--state", state_url)
+    assert res.returncode == 2, res.stderr
+    assert "is done" in res.stderr and '"shards": 16' in res.stderr
+
+
+def test_an_active_jobs_redis_url_may_change_to_the_same_server_only(
+    start_server: Any, tmp_path: Path, state_url: str
+) -> None:
+    """A server that moved (a failover to a new address, a rotated password) must not strand
+    a job: applying the same plan with the new redis.url points the job there (audited), once
+    that server holds the job's control record at its epoch; any other server is refused."""
+    server, stranger = start_server(), start_server()
+    r = server.client()
+    seed_hash(r, "big:hash", 500)
+    commands.apply(
+        str(write_plan(tmp_path / "p.yaml", server.url)),
+        state_url=state_url,
+        allow_no_instances=True,
+    )
+    other = write_plan(tmp_path / "o.yaml", stranger.url)
+    res = run_cli("plan", "apply", str(other), "--state", state_url)
+    assert res.returncode == 2 and "is not that server" in res.stderr, res.stderr
+
+    moved_url = server.url.replace("127.0.0.1", "localhost")
+    assert moved_url != server.url
+    moved = write_plan(tmp_path / "m.yaml", moved_url)
+    res = run_cli("plan", "apply", str(moved), "--state", state_url)
+    assert res.returncode == 0, res.stderr
+    events = [e for e in commands.history("t-job", state_url=state_url) if e.kind == "redis_url"]
+    assert events and events[-1].to_value == moved_url
+    assert commands.rollback("t-job", state_url=state_url).phase == "rolled_back"
+    r.close()
 
 
 def test_status_json_via_cli(
