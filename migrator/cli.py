@@ -361,6 +361,11 @@ def verify(
             f"{report.shard_checked} shard members checked; suspects {report.suspects}, "
             f"confirmed {sum(report.confirmed.values())}"
             + (f", repaired {report.repaired}" if repair else "")
+            + (
+                f"; {report.deadlines_followed} shard(s) given the source's expiry"
+                if report.deadlines_followed
+                else ""
+            )
         )
         lines = (
             f"  {d['kind']:<17} shard {d['shard']:<5} {d['member']}"

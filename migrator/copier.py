@@ -66,6 +66,19 @@ _PAIR = b"$%d\r\n%b\r\n$%d\r\n%b\r\n"
 _TTL_CHUNK = 64
 
 
+def follow_deadline(scripts: Scripts, source_key: str, shard_keys: Sequence[str]) -> int:
+    """Make the shards' absolute deadlines the source's (PEXPIREAT, or PERSIST where the source
+    has none), a few dozen shards a script; return how many changed. The copy does it as it
+    goes, verify at the end of each run and cleanup before the old key stops being the truth,
+    so a deadline an application set, moved or dropped on the source with a plain client
+    reaches every shard (docs/decisions.md, Expiry)."""
+    changed = 0
+    for i in range(0, len(shard_keys), _TTL_CHUNK):
+        chunk = shard_keys[i : i + _TTL_CHUNK]
+        changed += int(scripts.hash_follow_ttl([source_key, *chunk], []))
+    return changed
+
+
 def _cursor(raw: bytes | str | int) -> str:
     return raw.decode() if isinstance(raw, bytes) else str(raw)
 
@@ -292,16 +305,12 @@ class HashCopier(CommandStream):
         return "HSETNX, one member a command"
 
     def _follow_ttl(self, shards: Any) -> None:
-        """Give shards the source's deadline where it has one: each shard once, when the copy
-        first inserts into it, and all of them at the end (the source may have got a deadline
-        meanwhile)."""
+        """Give shards the source's deadline (or none, as the source has): each shard once,
+        when the copy first inserts into it, and all of them at the end (the source may have
+        got, moved or lost one meanwhile)."""
         todo = [s for s in shards if self._done or s not in self._ttl_done]
-        for i in range(0, len(todo), _TTL_CHUNK):
-            chunk = todo[i : i + _TTL_CHUNK]
-            self.scripts.hash_follow_ttl(
-                [self.source_key, *(self.shard_keys[s] for s in chunk)], []
-            )
-            self._ttl_done.update(chunk)
+        follow_deadline(self.scripts, self.source_key, [self.shard_keys[s] for s in todo])
+        self._ttl_done.update(todo)
 
     def sync(self, members: Sequence[bytes], *, chunk: int = 100, found: int = -1) -> float:
         """Make ``members`` in the shards equal to the source; return the largest server time."""

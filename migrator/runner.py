@@ -23,7 +23,7 @@ from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_e
 from migrator import control, keys
 from migrator.cleaner import KeyRemover
 from migrator.control import ControlRecord
-from migrator.copier import HashCopier, hash_copier
+from migrator.copier import HashCopier, follow_deadline, hash_copier
 from migrator.errors import (
     BarrierTimeout,
     IllegalTransition,
@@ -57,6 +57,7 @@ class VerifyReport:
     confirmed: dict[str, int] = field(default_factory=dict)
     repaired: int = 0
     marks_removed: int = 0  # delete marks left for the copy, removed by the shard passes
+    deadlines_followed: int = 0  # shards given the source's deadline (or none) at the end
 
     @property
     def clean(self) -> bool:
@@ -71,6 +72,7 @@ class VerifyReport:
             "confirmed": dict(self.confirmed),
             "repaired": self.repaired,
             "marks_removed": self.marks_removed,
+            "deadlines_followed": self.deadlines_followed,
             "clean": self.clean,
         }
 
@@ -480,6 +482,7 @@ class Runner:
         if repair:
             report.repaired = self._repair(verifier, run)
         report.confirmed = self.store.count_diffs(self.job, run, status="confirmed")
+        report.deadlines_followed = self._follow_deadline("verify")
         save("0", done, True)
         self.store.add_event(
             self.name,
@@ -638,6 +641,9 @@ class Runner:
                     to_value="force",
                     detail=f"cleanup --force past verify run {run}'s differences: {found}",
                 )
+            # The source is the truth for the last time: from cleaning on, the shards are, and
+            # the old key follows their deadline.
+            self._follow_deadline("cleanup")
             self.move(P.CLEANING, detail=detail, expect=P.CUTOVER)
         elif job.phase != P.CLEANING:
             raise IllegalTransition(
@@ -665,6 +671,11 @@ class Runner:
             self.barrier("cleanup: old key retired")
             self._guard(lambda: self._remove_keys("cleanup", [self.plan.source.key]), "cleanup")
             return self.move(P.DONE, detail="old key removed", expect=P.CLEANING)
+
+    def _follow_deadline(self, what: str) -> int:
+        """Every shard's deadline made the source's (copier.follow_deadline)."""
+        source = self.plan.source.key
+        return self._guard(lambda: follow_deadline(self.scripts, source, self.shard_keys), what)
 
     def _old_retired(self) -> bool:
         cp = self.store.get_checkpoint(self.job, "retire")

@@ -68,3 +68,50 @@ def test_shard_keys_the_shim_creates_keep_the_deadline(
     assert r.hget(key, fresh) == b"new"
     assert r.pexpiretime(key) == at
     assert all(r.pexpiretime(k) == at for k in data_keys(r))
+
+
+def test_a_deadline_set_moved_or_dropped_on_the_source_later_reaches_every_shard(
+    redis_server: RedisServer, r: redis.Redis, tmp_path: Path, state_url: str
+) -> None:
+    """An application may EXPIRE or PERSIST the source with its plain client at any time. A
+    shim write makes its shard follow at once; verify makes every shard follow at the end of
+    each run, and cleanup before the old key stops being the truth, so no shard outlives the
+    source's deadline after cleanup, nor expires before it."""
+    shards = 8
+    seed_hash(r, SOURCE, 2000)
+    plan = write_plan(tmp_path / "p.yaml", redis_server.url, shards=shards)
+    assert commands.apply(str(plan), state_url=state_url, allow_no_instances=True).phase == (
+        "verified"
+    )
+    shard_keys = sorted(data_keys(r) - {SOURCE})
+    assert len(shard_keys) == shards and {r.pttl(k) for k in shard_keys} == {-1}
+    own = TEMPLATE.replace("{shard}", str(shard_of("m1", shards)))
+    client = redis.Redis.from_url(redis_server.url)
+    router = ShardRouter.attach(client, "t-job")
+    try:
+        at = _deadline_in(r, 3600)  # set after the copy
+        router.hset("m1", "x")
+        assert r.pexpiretime(own) == at
+        assert sum(r.pttl(k) == -1 for k in shard_keys) == shards - 1
+
+        report = commands.verify("t-job", state_url=state_url)
+        assert report.clean and report.deadlines_followed == shards - 1
+        assert {r.pexpiretime(k) for k in shard_keys} == {at}
+
+        later = _deadline_in(r, 7200)  # moved (a sliding expiry)
+        router.hset("m1", "y")
+        assert r.pexpiretime(own) == later
+        r.persist(SOURCE)  # dropped
+        router.hset("m1", "z")
+        assert r.pttl(own) == -1
+        assert commands.verify("t-job", state_url=state_url).deadlines_followed == shards - 1
+        assert {r.pttl(k) for k in shard_keys} == {-1}
+
+        last = _deadline_in(r, 1800)
+        commands.set_ratio(100, name="t-job", state_url=state_url)
+        assert commands.cleanup("t-job", state_url=state_url).phase == "done"
+        assert not r.exists(SOURCE)
+        assert {r.pexpiretime(k) for k in shard_keys} == {last}
+    finally:
+        router.close()
+        client.close()

@@ -1,13 +1,11 @@
--- Give each shard (KEYS[2..]) the source's (KEYS[1]) absolute deadline, where the source has
--- one and the shard exists without one: the copy's inserts (HSETNX) create shards without it.
--- Returns how many shards got it.
+-- Make each shard's (KEYS[2..]) absolute deadline the source's (KEYS[1]): PEXPIREAT where the
+-- source has one the shard lacks or differs from, PERSIST where the source has none and the
+-- shard has one. The copy's inserts (HSETNX) create shards without a deadline, and an
+-- application may set, move or drop the source's deadline (EXPIRE, PERSIST) at any time.
+-- Returns how many shards changed.
 local deadline = deadline_ms(KEYS[1])
-if not deadline then return 0 end
 local n = 0
 for i = 2, #KEYS do
-  if redis.call('PTTL', KEYS[i]) == -1 then
-    redis.call('PEXPIREAT', KEYS[i], deadline)
-    n = n + 1
-  end
+  n = n + follow_ttl(deadline, KEYS[i])
 end
 return n

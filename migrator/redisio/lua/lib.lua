@@ -32,11 +32,20 @@ local function deadline_ms(key)
   if pttl > 0 then return math.floor(wall_us() / 1000) + pttl end
   return nil
 end
--- Give a shard the source's absolute deadline, when the source has one and the shard has none.
-local function follow_ttl(deadline, shard)
-  if deadline and redis.call('PTTL', shard) == -1 then
-    redis.call('PEXPIREAT', shard, deadline)
+-- Make a key's absolute deadline `deadline` (nil: none), as the source's is: a shard mirrors
+-- the source until cleanup, so a deadline the source got, moved or lost since the shard last
+-- followed it is followed again. Returns 1 when it changed the key. (Deadlines read through
+-- PTTL differ by a ms from call to call: that much is the same deadline.)
+local function follow_ttl(deadline, key)
+  local own = deadline_ms(key)
+  if deadline then
+    if own == nil or math.abs(own - deadline) > 1 then
+      return redis.call('PEXPIREAT', key, deadline)
+    end
+  elseif own then
+    return redis.call('PERSIST', key)
   end
+  return 0
 end
 -- Lua 5.1's unpack returns fewer than 8,000 values ("too many results to unpack"), so a command
 -- with more arguments than that (a shim HSET of thousands of fields, a large page of members)
