@@ -18,6 +18,7 @@ from datetime import timezone
 from typing import Any
 
 import click
+import redis
 
 from migrator import commands, control
 from migrator.env import int_from_env
@@ -215,9 +216,15 @@ def _fmt_status(s: dict[str, Any]) -> str:
     lines.append(f"  copied {s['copied']}/{total} ({s['progress']:.1%})")
     if s["copy_insert"]:
         lines.append(f"  copy inserts: {s['copy_insert']}")
-    if s["stage"]:
+    if s["stage"] and s.get("interrupted"):
+        lines.append(
+            f"  interrupted: {s['stage']} stopped at {s['stage_done']:,} members and no runner "
+            "holds the job (run the same command again, or `migrator run`, to go on)"
+        )
+    elif s["stage"]:
         eta = f", ETA {s['eta_seconds']:.0f}s" if s["eta_seconds"] is not None else ""
-        lines.append(f"  working: {s['stage']} at {s['rate']:,.0f} members/s{eta}")
+        by = f" ({s['runner']})" if s.get("runner") else ""
+        lines.append(f"  working: {s['stage']} at {s['rate']:,.0f} members/s{eta}{by}")
     if s["throttle"]:
         lines.append(f"  throttled: {s['throttle']}")
     if s.get("verify"):
@@ -294,7 +301,10 @@ def set_ratio(args: tuple[str, ...], force: bool, state_url: str | None) -> None
 @click.argument("name")
 @state_option
 def pause(name: str, state_url: str | None) -> None:
-    """Pause the running copy, verify or cleanup of NAME (within a second)."""
+    """Pause the running copy, verify or cleanup of NAME (within a second).
+
+    A rollback goes on regardless: it is the way out. Applying a rolled-back job again starts
+    it unpaused, at the plan's rate."""
     job = commands.pause(name, state_url=state_url)
     click.echo(f"job {job.name}: paused")
 
@@ -464,8 +474,14 @@ def run(interval: float, once: bool, barrier_timeout: float, state_url: str | No
     )
     logging.getLogger("apscheduler").setLevel(logging.WARNING)
     with stop_on_signals() as stop:
-        scheduler.run(
+        failed = scheduler.run(
             state_url, stop=stop, interval=interval, once=once, barrier_timeout=barrier_timeout
+        )
+    if failed:
+        raise MigratorError(
+            f"{len(failed)} job(s) stopped on an error: {', '.join(failed)} (the log above "
+            "says why)",
+            hint="each keeps its checkpoint; fix the cause and run `migrator run` again",
         )
 
 
@@ -481,6 +497,15 @@ def main() -> None:
     except MigratorError as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(e.exit_code)
+    except redis.RedisError as e:
+        # The runner turns Redis failures into RedisUnavailable where it works; this is the net
+        # under the rest: one message, exit 1, never a traceback.
+        click.echo(
+            f"error: Redis error: {e}\n  hint: the job keeps its checkpoint; once Redis "
+            "answers again, run the same command again (or `migrator run`) to resume",
+            err=True,
+        )
+        sys.exit(1)
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)
         sys.exit(130)

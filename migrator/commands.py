@@ -14,8 +14,8 @@ import threading
 from collections.abc import Callable
 from typing import Any, cast
 
-from migrator import control, keys
-from migrator.errors import InputError, JobNotFound, PlanConflict
+from migrator import control, keys, lease
+from migrator.errors import IllegalTransition, InputError, JobNotFound, PlanConflict
 from migrator.phases import ACTIVE, TERMINAL, Phase
 from migrator.plan import Plan, load_plan
 from migrator.preflight import preflight
@@ -74,7 +74,21 @@ def apply(
             + _spec_diff(Plan.from_spec(existing.spec).masked(), plan.masked()),
             hint="roll it back first, or give the new plan another name",
         )
+    if existing and existing.phase in (Phase.ROLLING_BACK, Phase.CLEANING):
+        verb = "rollback" if existing.phase == Phase.ROLLING_BACK else "cleanup"
+        raise IllegalTransition(
+            f"job {plan.name!r} is in phase {existing.phase}: plan apply runs a job forward to "
+            f"verified, and this one's {verb} was interrupted",
+            hint=f"`migrator {verb} {plan.name}` (or `migrator run`) resumes it",
+        )
     if existing and existing.phase == Phase.DONE:
+        if existing.spec_hash != plan.spec_hash():
+            raise PlanConflict(
+                f"job {plan.name!r} is done (its old key was removed) under another plan; a "
+                "finished job's name cannot take a new plan:\n"
+                + _spec_diff(Plan.from_spec(existing.spec).masked(), plan.masked()),
+                hint="give the new plan another name",
+            )
         return existing
     client = connect(plan.redis.url, name=f"migrator:{plan.name}:preflight")
     try:
@@ -232,6 +246,8 @@ def _status_of(store: Store, job: Job) -> dict[str, Any]:
         "instances": [],
         "counters": {},
         "redis": "unknown",
+        "runner": None,
+        "interrupted": False,
     }
     run = store.last_verify_run(job)
     if run:
@@ -247,6 +263,12 @@ def _status_of(store: Store, job: Job) -> dict[str, Any]:
         return out
     try:
         out["redis"] = "ok"
+        holder = cast(bytes | None, client.get(keys.lock(job.name)))
+        out["runner"] = lease.describe(holder) if lease.held(holder) else None
+        if working and not lease.held(holder):
+            # Unfinished work nobody runs: stopped (Ctrl-C, a crash, a runtime failure).
+            out["interrupted"] = True
+            out["rate"], out["eta_seconds"], out["throttle"] = 0.0, None, None
         out["instances"] = [
             {
                 "id": i.id,

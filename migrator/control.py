@@ -202,4 +202,7 @@ def wait_for_ack(
         if stop is None:
             time.sleep(poll)
         elif stop.wait(poll):
-            raise Interrupted(f"stopped on request while waiting for epoch {epoch}")
+            raise Interrupted(
+                f"stopped on request while waiting for epoch {epoch}",
+                hint="run the same command again (or `migrator run`) to go on from there",
+            )

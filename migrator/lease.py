@@ -72,6 +72,12 @@ def _local_pid(raw: bytes | str, *, alive: bool = True) -> int | None:
     return pid if _alive(pid) == alive else None
 
 
+def held(raw: bytes | str | None) -> bool:
+    """Whether a lease value names a holder that may be at work: any holder, but one on this
+    host whose process is gone (``kill -9``: its lease outlives it until the TTL)."""
+    return raw is not None and _local_pid(raw, alive=False) is None
+
+
 def describe(raw: bytes | str | None) -> str:
     """Who holds a lease, for messages: ``apply by user@host pid 123``."""
     if raw is None:

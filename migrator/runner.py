@@ -140,7 +140,9 @@ class Runner:
             yield self._lease
             return
         lease = Lease(self.client, self.name, purpose=purpose, on_lost=self.stop.set)
-        lease.acquire(self.lease_wait, preempting=preempting)
+        self._guard(
+            lambda: lease.acquire(self.lease_wait, preempting=preempting), f"{purpose}: lease"
+        )
         self._lease = lease
         try:
             yield lease
@@ -181,7 +183,8 @@ class Runner:
         )
 
     def publish(self) -> None:
-        control.publish(self.client, self.record())
+        record = self.record()
+        self._guard(lambda: control.publish(self.client, record), "publishing the control record")
 
     def move(
         self,
@@ -202,6 +205,9 @@ class Runner:
         Raises Interrupted if the job's epoch moves on meanwhile (a rollback from another
         shell): this barrier is then moot, and the phase it guarded is not to be entered.
         """
+        self._guard(lambda: self._barrier(purpose), f"the {purpose} barrier")
+
+    def _barrier(self, purpose: str) -> None:
         epoch = self.job.epoch
         # Entries of instances gone for an hour are dropped, so the instance list stays small.
         control.forget_stale(self.client, self.name)
@@ -248,7 +254,9 @@ class Runner:
                     f"job {self.name} moved to phase {j.phase} meanwhile (another command); "
                     "this run stops here"
                 )
-            return Controls(paused=j.paused, rate=j.rate_override)
+            # Pause acts on copy, verify and cleanup (SPEC §4): a rollback, the way out, goes on
+            # (at the rate set, through the gates) even if the job was paused before it.
+            return Controls(paused=j.paused and j.phase != P.ROLLING_BACK, rate=j.rate_override)
 
         if self._gate_list is None:
             # One set per runner, shared by its loops: the latency gate keeps its baseline.
@@ -659,8 +667,11 @@ class Runner:
             self.publish()
             self.barrier("cleanup: shims write shards first")
             if not self._old_retired():
-                self.store.save_checkpoint(self.job, "retire", "0", 0, finished=True)
+                # The new epoch first: were the checkpoint saved first and the runner stopped
+                # before the bump, a resumed cleanup would publish retire_old under the epoch
+                # shims acknowledged without it, and the barrier below would pass at once.
                 self.job = self.store.bump_epoch(self.name)
+                self.store.save_checkpoint(self.job, "retire", "0", 0, finished=True)
                 self.store.add_event(
                     self.name,
                     "retire",

@@ -141,13 +141,16 @@ class JobScheduler:
         finally:
             self.shutdown()
 
-    def run_once(self, stop: threading.Event | None = None) -> None:
-        """Start what is due now, wait for all of it, and return (``migrator run --once``)."""
+    def run_once(self, stop: threading.Event | None = None) -> list[str]:
+        """Start what is due now, wait for all of it, and return the jobs that failed
+        (``migrator run --once``)."""
         self.tick()
         stop = stop or threading.Event()
         while self.working and not stop.wait(0.1):
             pass
         self.shutdown()
+        with self._lock:
+            return sorted(self._failures)
 
     @property
     def working(self) -> list[str]:
@@ -248,12 +251,13 @@ def run(
     grace: float = 3.0,
     barrier_timeout: float = 60.0,
     once: bool = False,
-) -> None:
-    """``migrator run``: until ``stop`` is set (or, with ``once``, until what is due is done)."""
+) -> list[str]:
+    """``migrator run``: until ``stop`` is set (or, with ``once``, until what is due is done).
+    Returns the jobs whose work failed in a ``once`` run."""
     scheduler = JobScheduler(
         state_url, interval=interval, grace=grace, barrier_timeout=barrier_timeout
     )
     if once:
-        scheduler.run_once(stop)
-    else:
-        scheduler.run_until(stop)
+        return scheduler.run_once(stop)
+    scheduler.run_until(stop)
+    return []

@@ -189,7 +189,11 @@ class Pacer:
 
     def check_stop(self) -> None:
         if self.stop.is_set():
-            raise Interrupted("stopped on request after the last acknowledged batch")
+            raise Interrupted(
+                "stopped on request after the last acknowledged batch",
+                hint="the job keeps its checkpoint; run the same command again (or "
+                "`migrator run`) to go on from there",
+            )
 
     def before_batch(self, on_wait: Callable[[str | None], None] | None = None) -> None:
         """Return when the next batch may run; raise Interrupted when a stop was requested."""

@@ -75,7 +75,9 @@ def connect(url: str, *, name: str | None = None, check: bool = True) -> redis.R
     except (redis.ConnectionError, redis.TimeoutError, OSError) as e:
         raise RedisUnavailable(
             f"cannot reach Redis at {mask_url(url)}: {e}",
-            hint="check redis.url in the plan (or REDIS_URL) and that the server is up",
+            hint="check that the server is up and redis.url in the plan (or REDIS_URL); a "
+            "registered job keeps the URL it was applied with: if its server moved, "
+            "`migrator plan apply` of the same plan with the new redis.url points it there",
         ) from None
     except redis.ResponseError as e:
         raise RedisUnavailable(f"Redis at {mask_url(url)} refused a command: {e}") from None

@@ -12,7 +12,7 @@ import os
 import secrets
 import socket
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -165,6 +165,22 @@ def sqlite_file(url: str) -> Path | None:
     return Path(u.database)
 
 
+def _unavailable(url: str) -> Callable[[Any], None]:
+    """An engine's handle_error hook: the store failing under a running verb (a SQLite file
+    locked past the busy timeout, a PostgreSQL server gone) is a runtime failure: exit 1 with
+    one message, the job as its last commit left it, and how to go on."""
+
+    def hook(ctx: Any) -> None:
+        if ctx.is_disconnect or isinstance(ctx.sqlalchemy_exception, sa.exc.OperationalError):
+            raise StoreUnavailable(
+                f"the state store {mask_url(url)} failed: {ctx.original_exception}",
+                hint="the job is as its last commit left it (checkpoint kept); once the store "
+                "answers again, run the same command again (or `migrator run`) to resume",
+            ) from None
+
+    return hook
+
+
 @contextmanager
 def opening(url: str) -> Iterator[None]:
     """Turn what goes wrong while opening the store at ``url`` into migrator's errors: a URL
@@ -250,6 +266,7 @@ class Store:
     def __init__(self, engine: Engine, url: str) -> None:
         self.engine = engine
         self.url = url
+        sa.event.listen(engine, "handle_error", _unavailable(url))
 
     def close(self) -> None:
         self.engine.dispose()

@@ -223,6 +223,10 @@ def test_sigkill_mid_copy_then_resume_from_checkpoint(
             proc.kill()
     killed_at = _copy_checkpoint(state_url)
     assert killed_at is not None and 0 < killed_at[1] < 200_000
+    # Its lease outlives it (TTL), but status sees the holder is gone from this host.
+    [st] = commands.status(state_url, "t-job")
+    assert st["interrupted"] and st["stage"] == "copy" and st["runner"] is None
+    assert "interrupted: copy stopped at" in run_cli("status", "--state", state_url).stdout
 
     res = run_cli("plan", "apply", str(plan), "--allow-no-instances", "--state", state_url)
     assert res.returncode == 0, res.stderr

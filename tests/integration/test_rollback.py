@@ -137,3 +137,32 @@ def test_rollback_is_refused_once_cleanup_started_and_reapply_works_after_it(
     assert res.returncode == 2
     assert "only before cleanup" in res.stderr
     assert job_state(state_url)["phase"] == "done"
+
+
+def test_a_paused_job_still_rolls_back_and_a_reapply_audits_its_flag(
+    redis_server: RedisServer, r: redis.Redis, tmp_path: Path, state_url: str
+) -> None:
+    """Pause acts on copy, verify and cleanup; rollback is the way out and goes on (here with
+    HSCAN+HDEL, which runs through the pacer). Applying again after it audits
+    --allow-no-instances as the first apply did."""
+    model = seed_hash(r, SOURCE, 3000)
+    plan = write_plan(
+        tmp_path / "p.yaml", redis_server.url, shards=4, extra="cleanup: {mode: hdel}\n"
+    )
+    env = cli_env(state_url)
+    commands.apply(str(plan), state_url=state_url, allow_no_instances=True)
+    assert run_cli("pause", JOB, env=env).returncode == 0
+    res = run_cli("rollback", JOB, env=env, timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert data_keys(r) == {SOURCE} and read_hash(r, SOURCE) == model
+
+    def flags() -> int:
+        return sum(
+            e.kind == "flag" and e.to_value == "allow_no_instances"
+            for e in commands.history(JOB, state_url=state_url)
+        )
+
+    assert flags() == 1
+    res = run_cli("plan", "apply", str(plan), "--allow-no-instances", env=env)
+    assert res.returncode == 0, res.stderr
+    assert flags() == 2

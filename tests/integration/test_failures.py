@@ -1,0 +1,153 @@
+"""Runtime failures outside a copy batch: Redis lost while the runner waits at a barrier, the
+state store failing under a verb, a cleanup stopped between retiring the old key and telling
+the shims. Each is one message and exit 1 (never a traceback), the job keeps its place, and
+the same command (or `migrator run`) goes on from there."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import redis
+import sqlalchemy as sa
+
+from migrator import commands, control
+from migrator.errors import StoreUnavailable
+from migrator.phases import Phase
+from migrator.runner import Runner
+from migrator.store import open_store
+from tests.conftest import run_cli
+from tests.integration.helpers import eventually, seed_hash, write_plan
+from tests.integration.life import JOB, cli_env, job_state, migrator_popen
+from tests.servers import RedisServer
+
+
+def _lagging_instance(r: redis.Redis, stop: threading.Event) -> threading.Thread:
+    """An app instance that heartbeats but never applies an epoch: barriers wait for it."""
+
+    def beat() -> None:
+        payload = {"host": "h", "pid": 1, "epoch": 0, "started": 0, "protocol": 2}
+        while not stop.is_set():
+            try:
+                control.heartbeat(r, JOB, "lagging", payload)
+            except redis.RedisError:
+                return
+            stop.wait(0.3)
+
+    t = threading.Thread(target=beat, daemon=True)
+    t.start()
+    return t
+
+
+def test_redis_lost_at_a_barrier_is_one_message_and_run_once_says_the_job_failed(
+    redis_server: RedisServer, r: redis.Redis, tmp_path: Path, state_url: str
+) -> None:
+    seed_hash(r, "big:hash", 1000)
+    plan = write_plan(tmp_path / "p.yaml", redis_server.url)
+    commands.apply(str(plan), state_url=state_url, allow_no_instances=True)
+    stop = threading.Event()
+    _lagging_instance(redis.Redis.from_url(redis_server.url), stop)
+    try:
+        rollback = migrator_popen("rollback", JOB, env=cli_env(state_url))
+        eventually(lambda: job_state(state_url)["phase"] == "rolling_back", 20, "rolling back")
+        time.sleep(0.5)  # at the barrier, waiting for the lagging instance
+        redis_server.stop()
+        out, err = rollback.communicate(timeout=60)
+    finally:
+        stop.set()
+    assert rollback.returncode == 1, err
+    assert "Traceback" not in err and "Redis error" in err
+    assert "run the same command again" in err
+    assert job_state(state_url)["phase"] == "rolling_back"
+    assert "Redis error" in (job_state(state_url)["job"].last_error or "")
+
+    # plan apply runs jobs forward: it says which verb resumes this one.
+    res = run_cli("plan", "apply", str(plan), "--state", state_url)
+    assert res.returncode == 2, res.stderr
+    assert "rollback was interrupted" in res.stderr and f"migrator rollback {JOB}" in res.stderr
+
+    # `migrator run --once` finds the rollback to resume (once the phase is older than its
+    # grace of 3 s), fails on the same server: exit 1.
+    time.sleep(3.2)
+    res = run_cli("run", "--once", env=cli_env(state_url), timeout=120)
+    assert res.returncode == 1, res.stderr
+    assert f"stopped on an error: {JOB}" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_a_state_store_failing_under_a_verb_is_store_unavailable(
+    redis_server: RedisServer, r: redis.Redis, tmp_path: Path
+) -> None:
+    db = tmp_path / "state.db"
+    url = f"sqlite:///{db}"
+    seed_hash(r, "big:hash", 500)
+    commands.apply(
+        str(write_plan(tmp_path / "p.yaml", redis_server.url)),
+        state_url=url,
+        allow_no_instances=True,
+    )
+    store = open_store(url)
+    # Wait 0.2 s for a lock rather than migrator's 10 s (a connect hook after migrator's own).
+    sa.event.listen(store.engine, "connect", lambda c, _: c.execute("PRAGMA busy_timeout=200"))
+    store.engine.dispose()
+    holder = sqlite3.connect(db, isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")
+    try:
+        with pytest.raises(StoreUnavailable) as e:
+            store.update_job(JOB, paused=True, audit="pause")
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert "database is locked" in e.value.message and e.value.exit_code == 1
+    assert "run the same command again" in str(e.value)
+    assert store.get_job(JOB).paused is False  # nothing half-written; the store works again
+    store.close()
+
+
+def test_cleanup_stopped_between_retiring_and_publishing_passes_no_barrier_early(
+    redis_server: RedisServer, r: redis.Redis, tmp_path: Path, state_url: str
+) -> None:
+    """The retirement of the old key takes a new epoch: a cleanup stopped at any point of it
+    and resumed must still make every shim acknowledge retire_old under an epoch of its own."""
+    seed_hash(r, "big:hash", 500)
+    plan = write_plan(tmp_path / "p.yaml", redis_server.url)
+    commands.apply(str(plan), state_url=state_url, allow_no_instances=True)
+    commands.set_ratio(100, name=JOB, state_url=state_url)
+
+    store = open_store(state_url)
+    real_save = store.save_checkpoint
+
+    class Killed(BaseException):
+        pass
+
+    def killed_after_retiring(job, stage, *a, **kw):  # type: ignore[no-untyped-def]
+        out = real_save(job, stage, *a, **kw)
+        if stage == "retire":
+            raise Killed  # the runner dies right after recording the retirement
+        return out
+
+    published: list[tuple[int, int]] = []
+    real_publish = control.publish
+
+    def spy(client: redis.Redis, rec: control.ControlRecord) -> None:
+        published.append((rec.epoch, rec.retire_old))
+        real_publish(client, rec)
+
+    control.publish = spy  # type: ignore[assignment]
+    try:
+        store.save_checkpoint = killed_after_retiring  # type: ignore[method-assign]
+        with pytest.raises(Killed):
+            Runner(store, JOB).cleanup()
+        store.save_checkpoint = real_save  # type: ignore[method-assign]
+        job = Runner(store, JOB).cleanup()  # resumed
+    finally:
+        control.publish = real_publish  # type: ignore[assignment]
+        store.close()
+    assert job.phase == Phase.DONE
+    plain = {e for e, retired in published if not retired}
+    retired = {e for e, retired in published if retired}
+    # Shims acknowledged the plain record's epoch; retire_old under that same epoch would
+    # pass its barrier without a single shim having seen it.
+    assert retired and not (plain & retired), published
