@@ -189,7 +189,7 @@ class HashCopier(CommandStream):
         n = min(count, self.scan)
         limit = self._step_limit()
         if limit is not None:
-            n = min(n, limit)
+            n = min(n, limit - self._scanned)  # the step's burst, less what it scanned already
         scan = self._scan_head + _bulk(self._scan_cursor.encode()) + b"$5\r\nCOUNT\r\n"
         scan += _bulk(str(max(1, n)).encode())
         return Packed(_TIME + self._exists + scan + _TIME, 4)
