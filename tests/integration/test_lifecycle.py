@@ -4,7 +4,8 @@ Writers (each its own client and ShardRouter) keep writing through every phase. 
 the old key is gone, the shards equal the model of acknowledged writes, and no command the
 runner sent overran the 1 ms budget: SLOWLOG logs every command, those of the runner's
 connections (CLIENT SETNAME migrator:<job>) are picked out, and any over 1 ms must be a host
-stall on a command that did no more work than its peers, not an overrun (life.over_budget)."""
+stall on a command that did no more work than its peers, not an overrun
+(tests/slowlog.py: over_budget)."""
 
 from __future__ import annotations
 
@@ -24,7 +25,6 @@ from tests.integration.life import (
     JOB,
     SOURCE,
     TEMPLATE,
-    Sent,
     Writers,
     decoded,
     eventually,
@@ -113,27 +113,6 @@ def test_whole_life_under_concurrent_writers(
     # Stalls are the host's, a few a minute; many would mean the check is excusing too much.
     excused = [(s.duration_us, s.command[:90]) for s in stalls]
     assert len(stalls) <= max(3, len(sent) // 100), excused
-
-
-def test_over_budget_tells_a_stall_from_an_overrun() -> None:
-    """The check above on made-up logs: a routine command slowed by the host is a stall; one
-    doing more work than the budget allows at its peers' rate, a whole-key command, or a
-    one-off, is an overrun."""
-    scan = [Sent(60, b"HSCAN big:hash %d COUNT 100" % i) for i in range(10)]
-    stalled = Sent(3500, b"HSCAN big:hash 7 COUNT 100")
-    too_big = Sent(1400, b"HSCAN big:hash 9 COUNT 5000")  # 5000 x 0.6 µs: 3 ms of work
-    near = Sent(1100, b"HSCAN big:hash 9 COUNT 1300")  # 780 µs of work: not a stall
-    whole = [Sent(1200, b"HGETALL big:hash")] + [Sent(5, b"HGETALL small") for _ in range(9)]
-    text = [Sent(1500, b"EVAL return 1 0")] + [Sent(5, b"EVAL return 1 0") for _ in range(9)]
-    lone = Sent(1300, b"EVALSHA abc 1 big:hash m1 m2")
-    logged = [*scan, stalled, too_big, near, *whole, *text, lone]
-    overruns, stalls = over_budget(logged, BUDGET_US)
-    assert stalls == [stalled]
-    assert overruns == [too_big, near, whole[0], text[0], lone]
-    # SLOWLOG keeps 31 arguments and says how many more there were: 101 in all, 2 of them
-    # keys, so 96 script arguments.
-    cut = Sent(10, b"EVALSHA abc 2 k1 k2 " + b"m " * 26 + b"... (70 more arguments)")
-    assert cut.work == 96 and cut.kind == (b"EVALSHA", b"abc")
 
 
 def test_cutover_and_cleaning_writers_side_by_side_lose_no_update(r: redis.Redis) -> None:
