@@ -49,6 +49,11 @@ class Sent:
         name = words[0].upper()
         if name.endswith(b"SCAN") or name == b"HRANDFIELD":
             return (name,)
+        if name == b"UNLINK" and len(words) == 2:
+            # One key: the command thread unlinks it and hands a big value (over lazyfree's
+            # 64 elements) to a background thread to free, so its cost does not grow with
+            # the key; peers unlinking keys of the same size vouch for it.
+            return (name,)
         if name == b"EVALSHA":
             return (name, words[1])  # a script by its sha
         return (name,) if name in _BOUNDED else None
@@ -80,6 +85,25 @@ def runner_sent(client: redis.Redis, max_len: int, name: bytes = b"migrator:") -
         for e in client.slowlog_get(max_len)
         if (e.get("client_name") or b"").startswith(name)
     ]
+
+
+def calibrate(url: str, key: str, name: str = "migrator-calibration") -> None:
+    """Give the runner's one-off commands on ``key`` peers to be judged by (``over_budget``):
+    from a connection named ``name``, send the preflight's field sample nine times, and
+    unlink seven copies of ``key`` (COPY, Redis 6.2+), as cleanup unlinks the key itself.
+    Read them back with ``runner_sent(client, max_len, name)``."""
+    client = redis.Redis.from_url(url)
+    try:
+        client.client_setname(name)
+        for _ in range(9):
+            client.hrandfield(key, 100)
+            client.hrandfield(key, 100, withvalues=True)
+        for i in range(7):
+            copy = f"{key}:calibration:{i}"
+            assert client.copy(key, copy), f"{copy} already exists"
+            client.unlink(copy)
+    finally:
+        client.close()
 
 
 def over_budget(

@@ -51,3 +51,16 @@ def test_a_sample_is_judged_by_its_count() -> None:
     assert stalled.work == 100 and huge.work == 5000
     assert over_budget([*peers, stalled, huge], BUDGET_US) == ([huge], [stalled])
 
+
+def test_an_unlink_of_one_key_is_judged_by_its_witnesses() -> None:
+    """Cleanup's UNLINK is a one-off: the whole-life test unlinks copies of the key to vouch
+    for it (tests/slowlog.py: calibrate). UNLINK of several keys stays unbounded."""
+    witnesses = [Sent(40, b"UNLINK big:hash:calibration:%d" % i) for i in range(7)]
+    stalled = Sent(2271, b"UNLINK big:hash")
+    assert over_budget([stalled], BUDGET_US) == ([stalled], [])  # no one to vouch for it
+    assert over_budget([stalled], BUDGET_US, peers=witnesses) == ([], [stalled])
+    slow_witnesses = [Sent(1500, b"UNLINK big:hash:calibration:%d" % i) for i in range(7)]
+    assert over_budget([stalled], BUDGET_US, peers=slow_witnesses) == ([stalled], [])
+    many = Sent(2271, b"UNLINK a b c")
+    assert many.kind is None
+    assert over_budget([many], BUDGET_US, peers=witnesses) == ([many], [])
