@@ -89,6 +89,11 @@ class Interrupted(MigratorError):
     """A stop was requested; the current batch finished and its checkpoint is committed."""
 
 
+class LeaseLost(Interrupted):
+    """The runner lost the job's lease mid-work (another process took it over, or Redis did not
+    answer for the lease's TTL): it stopped after its last acknowledged batch."""
+
+
 class JobBusy(MigratorError):
     """Another runner process (plan apply, verify, cleanup, `migrator run`, ...) is working
     the job; one process at a time holds its lease."""

@@ -28,12 +28,13 @@ from migrator.errors import (
     BarrierTimeout,
     IllegalTransition,
     Interrupted,
+    LeaseLost,
     RedisUnavailable,
     SourceVanished,
     VerificationFailed,
 )
 from migrator.gates import ShimProtocolGate, default_gates
-from migrator.lease import Lease
+from migrator.lease import Lease, describe
 from migrator.phases import BEFORE_CLEANING, RATIO_PHASES, Phase, phase_for_ratio
 from migrator.redisio import Scripts, connect, supports_unlink
 from migrator.scanloop import Progress, Step, drive
@@ -146,9 +147,32 @@ class Runner:
         self._lease = lease
         try:
             yield lease
+        except Interrupted as e:
+            if lease.lost and not isinstance(e, LeaseLost):
+                raise self._lease_lost(purpose) from None
+            raise
         finally:
             self._lease = None
             lease.release()
+
+    def _lease_lost(self, purpose: str) -> LeaseLost:
+        """The stop a lost lease caused, named as such (not as a stop on request), with who
+        holds the lease now; kept as the job's ``last_error``."""
+        try:
+            holder = describe(cast(bytes | None, self.client.get(keys.lock(self.name))))
+            why = f"it is held by {holder} now" if holder != "nobody" else "nobody holds it now"
+        except redis.RedisError as e:
+            why = f"Redis did not answer for the lease's TTL ({e})"
+        msg = (
+            f"{purpose} lost the lease of job {self.name}: {why}; it stopped after its last "
+            "acknowledged batch"
+        )
+        self.store.update_job(self.name, last_error=msg)
+        return LeaseLost(
+            msg,
+            hint="the checkpoint is kept; one process works a job at a time: once the other "
+            "holder is done (or Redis answers), run the same command again (or `migrator run`)",
+        )
 
     @contextmanager
     def working(self, *phases: Phase) -> Iterator[None]:

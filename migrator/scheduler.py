@@ -32,7 +32,13 @@ from datetime import datetime, timedelta, timezone
 
 from apscheduler.schedulers.background import BackgroundScheduler
 
-from migrator.errors import Interrupted, JobBusy, MigratorError, VerificationFailed
+from migrator.errors import (
+    Interrupted,
+    JobBusy,
+    LeaseLost,
+    MigratorError,
+    VerificationFailed,
+)
 from migrator.phases import Phase
 from migrator.runner import Runner
 from migrator.store import Job, Store, open_store
@@ -211,6 +217,10 @@ class JobScheduler:
             self._settle(name, failed=False)
         except JobBusy as e:
             log.debug("%s: %s", name, e.message)
+            self._settle(name, failed=False, retry_in=self.grace)
+        except LeaseLost as e:
+            # Another process took the job over: it is busy, asked again after the grace.
+            log.warning("%s: %s", name, e.message)
             self._settle(name, failed=False, retry_in=self.grace)
         except Interrupted as e:
             log.info("%s: %s", name, e.message)

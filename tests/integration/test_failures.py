@@ -5,6 +5,7 @@ the same command (or `migrator run`) goes on from there."""
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import threading
 import time
@@ -14,7 +15,7 @@ import pytest
 import redis
 import sqlalchemy as sa
 
-from migrator import commands, control
+from migrator import commands, control, keys
 from migrator.errors import StoreUnavailable
 from migrator.phases import Phase
 from migrator.runner import Runner
@@ -151,3 +152,37 @@ def test_cleanup_stopped_between_retiring_and_publishing_passes_no_barrier_early
     # Shims acknowledged the plain record's epoch; retire_old under that same epoch would
     # pass its barrier without a single shim having seen it.
     assert retired and not (plain & retired), published
+
+
+def test_a_runner_that_loses_its_lease_says_so_and_keeps_its_checkpoint(
+    redis_server: RedisServer, r: redis.Redis, tmp_path: Path, state_url: str
+) -> None:
+    """Another process taking the lease over mid-copy stops the runner after its batch in
+    flight: the message names the lost lease and its new holder, not a stop on request."""
+    seed_hash(r, "big:hash", 200_000)
+    plan = write_plan(tmp_path / "p.yaml", redis_server.url, extra="copy: {rate: 20000}\n")
+    env = cli_env(state_url)
+    apply = migrator_popen("plan", "apply", str(plan), "--allow-no-instances", env=env)
+    try:
+
+        def copying() -> bool:
+            cp = job_state(state_url)["checkpoints"].get("copy")
+            return cp is not None and cp.members_done > 0
+
+        eventually(copying, 30, "the copy got going")
+        other = {"purpose": "apply", "host": "elsewhere", "pid": 4242, "token": "t", "since": 0}
+        r.set(keys.lock(JOB), json.dumps(other))
+        out, err = apply.communicate(timeout=60)
+    finally:
+        if apply.poll() is None:
+            apply.kill()
+    assert apply.returncode == 1, err
+    assert "lost the lease" in err and "apply on elsewhere pid 4242" in err, err
+    assert "stopped on request" not in err and "Traceback" not in err
+    assert "run the same command again" in err
+    state = job_state(state_url)
+    assert state["phase"] == "copying"
+    assert 0 < state["checkpoints"]["copy"].members_done < 200_000
+    assert "lost the lease" in (state["job"].last_error or "")
+    # The lease is the other holder's still: ours was not released over it.
+    assert json.loads(r.get(keys.lock(JOB)) or b"{}") == other
