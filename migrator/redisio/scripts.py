@@ -23,6 +23,7 @@ NAMES = (
     "hash_check",
     "hash_dual",
     "delete_step",
+    "hash_expire",
 )
 
 

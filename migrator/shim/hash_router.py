@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from datetime import datetime, timedelta
 from typing import Any
 
 import redis
@@ -37,6 +38,7 @@ import redis
 from migrator import keys
 from migrator.control import ControlRecord
 from migrator.phases import TOMBSTONE, marks_deletes
+from migrator.redisio.scripts import source as script_source
 from migrator.routing import shard_of
 from migrator.shim import counters as c
 from migrator.shim.dual import DualCall, DualWriter, stale
@@ -59,6 +61,9 @@ Loader = Callable[[Any], Any]
 #: Attempts at a dual write whose record keeps moving on under it (each refresh reads the
 #: record afresh; a phase change takes one).
 _STALE_RETRIES = 5
+
+#: Keys one hash_expire call sets (a plan may have hundreds of shards).
+_EXPIRE_CHUNK = 64
 
 # How each write op is sent as a plain command (old-only and shards-only phases); ``target`` is
 # a client or a pipeline, ``args`` the op's arguments exactly as hash_dual.lua takes them.
@@ -94,6 +99,7 @@ class ShardRouter:
         self._loader = loader
         self._source_key = source_key
         self._dual = DualWriter(client)
+        self._expire_script = client.register_script(script_source("hash_expire"))
 
     @classmethod
     def attach(
@@ -271,6 +277,75 @@ class ShardRouter:
             for key, group in groups.items():
                 _PLAIN[op](pipe, key, _flat(group))
             return list(pipe.execute()), []
+
+    # -- expiry -----------------------------------------------------------------------------
+    # The logical hash's deadline, on the keys the phase writes: the source before the split,
+    # the source and every shard while both are kept equal, the shards from the old key's
+    # retirement on (where a plain EXPIRE on the old key would reach nothing). All keys get the
+    # same absolute deadline, by the server's clock. No NX/XX/GT/LT options.
+
+    def expire(self, time: int | timedelta) -> bool:
+        """Expire the hash in ``time`` seconds; False when it does not exist (as EXPIRE)."""
+        seconds = time.total_seconds() if isinstance(time, timedelta) else time
+        return self._set_expiry("in", int(seconds * 1000))
+
+    def pexpire(self, time: int | timedelta) -> bool:
+        """Expire the hash in ``time`` milliseconds."""
+        ms = time.total_seconds() * 1000 if isinstance(time, timedelta) else time
+        return self._set_expiry("in", int(ms))
+
+    def expireat(self, when: int | datetime) -> bool:
+        """Expire the hash at ``when`` (unix seconds, or a datetime)."""
+        seconds = when.timestamp() if isinstance(when, datetime) else when
+        return self._set_expiry("at", int(seconds * 1000))
+
+    def pexpireat(self, when: int | datetime) -> bool:
+        """Expire the hash at ``when`` (unix milliseconds, or a datetime)."""
+        ms = when.timestamp() * 1000 if isinstance(when, datetime) else when
+        return self._set_expiry("at", int(ms))
+
+    def persist(self) -> bool:
+        """Remove the hash's deadline; True when it had one (as PERSIST)."""
+        return self._set_expiry("persist", 0, persisted=True)
+
+    def pttl(self) -> int:
+        """Milliseconds the hash has left: -1 without a deadline, -2 when it does not exist.
+        Over shards, the longest-lived one (they share one deadline but for a shard's races
+        with the application's own commands)."""
+        with self._watcher.call() as record:
+            if write_mode(record) is not WriteMode.SHARDS:
+                return int(self._client.pttl(self._source(record)))
+            assert record is not None
+            pipe = self._client.pipeline(transaction=False)
+            for shard in range(record.shards):
+                pipe.pttl(record.shard_key(shard))
+            left = [int(t) for t in pipe.execute() if int(t) != -2]
+        if not left:
+            return -2
+        return -1 if -1 in left else max(left)
+
+    def ttl(self) -> int:
+        """Seconds the hash has left, rounded as TTL rounds; -1 / -2 as :meth:`pttl`."""
+        ms = self.pttl()
+        return ms if ms < 0 else (ms + 500) // 1000
+
+    def _set_expiry(self, mode: str, value: int, *, persisted: bool = False) -> bool:
+        with self._watcher.call() as record:
+            source = self._source(record)
+            wm = write_mode(record)
+            shards = (
+                [record.shard_key(i) for i in range(record.shards)]
+                if record is not None and wm is not WriteMode.OLD
+                else []
+            )
+            keys_ = shards if wm is WriteMode.SHARDS else [source, *shards]
+            existing = removed = 0
+            for i in range(0, len(keys_), _EXPIRE_CHUNK):
+                got = self._expire_script(keys=keys_[i : i + _EXPIRE_CHUNK], args=[mode, value])
+                existing, removed = existing + int(got[0]), removed + int(got[1])
+                if mode == "in":  # the later chunks get the same absolute deadline
+                    mode, value = "at", int(got[2])
+        return removed > 0 if persisted else existing > 0
 
     # -- reads ------------------------------------------------------------------------------
 

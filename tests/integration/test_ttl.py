@@ -4,6 +4,7 @@ the shim's dual writes alike."""
 from __future__ import annotations
 
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import redis
@@ -112,6 +113,59 @@ def test_a_deadline_set_moved_or_dropped_on_the_source_later_reaches_every_shard
         assert commands.cleanup("t-job", state_url=state_url).phase == "done"
         assert not r.exists(SOURCE)
         assert {r.pexpiretime(k) for k in shard_keys} == {last}
+    finally:
+        router.close()
+        client.close()
+
+
+def test_the_shims_expiry_verbs_give_the_keys_each_phase_writes_one_deadline(
+    redis_server: RedisServer, r: redis.Redis, tmp_path: Path, state_url: str
+) -> None:
+    """expire/pexpire/expireat/pexpireat/persist/ttl/pttl act on the logical hash: the source
+    before the split, the source and every shard while both are kept, the shards once the old
+    key is gone (where a plain EXPIRE of the old key reaches nothing). 100 shards take two
+    script calls; a relative expiry still gives all of them one absolute deadline."""
+    shards = 100
+    seed_hash(r, SOURCE, 3000)
+    plan = write_plan(tmp_path / "p.yaml", redis_server.url, shards=shards)
+    client = redis.Redis.from_url(redis_server.url)
+    router = ShardRouter.attach(client, "t-job", source_key=SOURCE)
+    try:
+        # No job published yet: the source alone.
+        assert router.ttl() == -1 and router.expire(3600)
+        assert 3590 <= router.ttl() <= 3600 and r.ttl(SOURCE) == router.ttl()
+        assert router.persist() and not router.persist() and router.pttl() == -1
+
+        assert commands.apply(str(plan), state_url=state_url).phase == "verified"
+        shard_keys = sorted(data_keys(r) - {SOURCE})
+        assert len(shard_keys) == shards
+        assert router.pexpire(timedelta(hours=2))
+        deadlines = {r.pexpiretime(k) for k in [SOURCE, *shard_keys]}
+        assert len(deadlines) == 1 and deadlines != {-1}
+        at = int(r.time()[0]) + 600
+        assert router.expireat(at)
+        assert {r.expiretime(k) for k in [SOURCE, *shard_keys]} == {at}
+        assert 590 <= router.ttl() <= 600
+        assert router.persist()
+        assert {r.pttl(k) for k in [SOURCE, *shard_keys]} == {-1}
+
+        commands.set_ratio(100, name="t-job", state_url=state_url)
+        assert commands.cleanup("t-job", state_url=state_url).phase == "done"
+        assert not r.exists(SOURCE)
+        assert router.ttl() == -1
+        at_ms = (int(r.time()[0]) + 900) * 1000
+        assert router.pexpireat(at_ms)
+        assert {r.pexpiretime(k) for k in shard_keys} == {at_ms}
+        assert not r.exists(SOURCE)  # nothing recreated the old key
+        assert 890_000 <= router.pttl() <= 900_000
+        assert router.expire(timedelta(seconds=1200))
+        assert len({r.pexpiretime(k) for k in shard_keys}) == 1
+        assert router.persist() and router.pttl() == -1
+
+        # A deadline in the past removes the hash, as EXPIRE does; then nothing exists.
+        assert router.pexpire(-1)
+        assert not any(r.exists(k) for k in shard_keys)
+        assert router.pttl() == -2 and not router.expire(10) and not router.persist()
     finally:
         router.close()
         client.close()
