@@ -10,6 +10,7 @@
                                source_key="user:info:all")  # source_key: pass-through before
     users.hset(member, value); users.hget(member); users.hmget([m1, m2]); users.hdel(m1, m2)
     users.hincrby(member, 5); users.hexists(member); users.hlen(); users.hscan_iter()
+    users.expire(86400); users.ttl(); users.persist()   # the whole hash: old key and/or shards
     users.close()                                              # on shutdown
 
 Depends only on redis-py and migrator's control, keys, routing, phases, errors and

@@ -123,8 +123,8 @@ def test_the_shims_expiry_verbs_give_the_keys_each_phase_writes_one_deadline(
 ) -> None:
     """expire/pexpire/expireat/pexpireat/persist/ttl/pttl act on the logical hash: the source
     before the split, the source and every shard while both are kept, the shards once the old
-    key is gone (where a plain EXPIRE of the old key reaches nothing). 100 shards take two
-    script calls; a relative expiry still gives all of them one absolute deadline."""
+    key is gone (where a plain EXPIRE of the old key reaches nothing); all 100 shards in one
+    script call, with one absolute deadline."""
     shards = 100
     seed_hash(r, SOURCE, 3000)
     plan = write_plan(tmp_path / "p.yaml", redis_server.url, shards=shards)
@@ -166,6 +166,32 @@ def test_the_shims_expiry_verbs_give_the_keys_each_phase_writes_one_deadline(
         assert router.pexpire(-1)
         assert not any(r.exists(k) for k in shard_keys)
         assert router.pttl() == -2 and not router.expire(10) and not router.persist()
+    finally:
+        router.close()
+        client.close()
+
+
+def test_while_the_old_key_is_kept_it_answers_for_the_hash(
+    redis_server: RedisServer, r: redis.Redis, tmp_path: Path, state_url: str
+) -> None:
+    """Before cleanup the old key is the hash: PERSIST answers for its deadline (and clears a
+    stray one on a shard), and with the old key gone (expired, deleted with a plain client)
+    an expiry call touches nothing, as EXPIRE of a missing key does."""
+    shards = 8
+    seed_hash(r, SOURCE, 500)
+    plan = write_plan(tmp_path / "p.yaml", redis_server.url, shards=shards)
+    client = redis.Redis.from_url(redis_server.url)
+    router = ShardRouter.attach(client, "t-job", source_key=SOURCE)
+    try:
+        assert commands.apply(str(plan), state_url=state_url).phase == "verified"
+        shard_keys = sorted(data_keys(r) - {SOURCE})
+        r.pexpire(shard_keys[0], 10_000_000)  # a stray deadline, set with a plain client
+        assert not router.persist()  # the hash had none
+        assert {r.pttl(k) for k in shard_keys} == {-1}
+        r.delete(SOURCE)
+        assert router.ttl() == -2
+        assert not router.expire(100) and not router.persist()
+        assert {r.pttl(k) for k in shard_keys} == {-1}
     finally:
         router.close()
         client.close()
