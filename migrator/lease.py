@@ -117,6 +117,7 @@ class Lease:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.lost = False
+        self.lost_reason = ""
 
     # -- taking and giving back ------------------------------------------------------------
     def try_acquire(self) -> bool:
@@ -182,16 +183,33 @@ class Lease:
         interval = self.ttl_ms / 4000.0
         last_ok = time.monotonic()
         while not self._stop.wait(interval):
+            error: redis.RedisError | None = None
             try:
                 ok = bool(self.client.eval(_RENEW, 1, self.key, self.value, str(self.ttl_ms)))
                 if ok:
                     last_ok = time.monotonic()
-            except redis.RedisError:
-                ok = False
+            except redis.RedisError as e:
+                ok, error = False, e
                 if time.monotonic() - last_ok < self.ttl_ms / 1000.0:
                     continue  # a blip: keep trying while the lease is still ours
             if not ok:
+                self.lost_reason = self._why_lost(error)
                 self.lost = True
                 if self.on_lost:
                     self.on_lost()
                 return
+
+    def _why_lost(self, error: redis.RedisError | None) -> str:
+        """Why renewal failed, for messages: Redis silent for the TTL (``error``, its last
+        failure), or a takeover (the key names another holder, or none: it expired first),
+        read once while the work stops."""
+        if error is None:
+            try:
+                raw: Any = self.client.get(self.key)
+            except redis.RedisError as e:
+                error = e
+            else:
+                if raw is None:
+                    return "it expired before it was renewed, and nobody holds it now"
+                return f"it is held by {describe(raw)} now"
+        return f"Redis did not answer for the lease's TTL ({self.ttl_ms / 1000:g} s: {error})"

@@ -10,6 +10,7 @@ record for the stored phase before doing anything else.
 from __future__ import annotations
 
 import functools
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -29,12 +30,13 @@ from migrator.errors import (
     IllegalTransition,
     Interrupted,
     LeaseLost,
+    MigratorError,
     RedisUnavailable,
     SourceVanished,
     VerificationFailed,
 )
 from migrator.gates import ShimProtocolGate, default_gates
-from migrator.lease import Lease, describe
+from migrator.lease import Lease
 from migrator.phases import BEFORE_CLEANING, RATIO_PHASES, Phase, phase_for_ratio
 from migrator.redisio import Scripts, connect, supports_unlink
 from migrator.scanloop import Progress, Step, drive
@@ -43,6 +45,7 @@ from migrator.throttle import SLICE, BatchSizer, Controls, Gate, Pacer
 from migrator.verifier import Found, HashVerifier
 
 T = TypeVar("T")
+log = logging.getLogger("migrator.runner")
 P = Phase
 
 #: How long a batch is retried through connection errors before the job stops (resumable).
@@ -149,25 +152,24 @@ class Runner:
             yield lease
         except Interrupted as e:
             if lease.lost and not isinstance(e, LeaseLost):
-                raise self._lease_lost(purpose) from None
+                raise self._lease_lost(purpose, lease.lost_reason) from None
             raise
         finally:
             self._lease = None
             lease.release()
 
-    def _lease_lost(self, purpose: str) -> LeaseLost:
+    def _lease_lost(self, purpose: str, why: str) -> LeaseLost:
         """The stop a lost lease caused, named as such (not as a stop on request), with who
-        holds the lease now; kept as the job's ``last_error``."""
-        try:
-            holder = describe(cast(bytes | None, self.client.get(keys.lock(self.name))))
-            why = f"it is held by {holder} now" if holder != "nobody" else "nobody holds it now"
-        except redis.RedisError as e:
-            why = f"Redis did not answer for the lease's TTL ({e})"
+        holds the lease now. Audited as a ``lease_lost`` event, not as ``last_error``: the job
+        may be another holder's by now, and its status is that holder's to write."""
         msg = (
             f"{purpose} lost the lease of job {self.name}: {why}; it stopped after its last "
             "acknowledged batch"
         )
-        self.store.update_job(self.name, last_error=msg)
+        try:
+            self.store.add_event(self.name, "lease_lost", to_value=purpose, detail=msg)
+        except MigratorError as e:  # the store failing too: the lease is still the news
+            log.warning("job %s: could not record the lost lease: %s", self.name, e)
         return LeaseLost(
             msg,
             hint="the checkpoint is kept; one process works a job at a time: once the other "
