@@ -517,6 +517,9 @@ class Runner:
             report.repaired = self._repair(verifier, run)
         report.confirmed = self.store.count_diffs(self.job, run, status="confirmed")
         report.deadlines_followed = self._follow_deadline("verify")
+        # Which shard keys hold nothing now, deadlines followed: cleanup refuses if another
+        # has gone since (expired or deleted), while the old key still holds its members.
+        state["missing_shards"] = self._missing_shards("verify")
         save("0", done, True)
         self.store.add_event(
             self.name,
@@ -566,12 +569,21 @@ class Runner:
         pacer = self.pacer()
         repaired = 0
         page: list[Any] = []
+        # Each script is sized to the budget by the time it reports, as the re-checks are: a
+        # repair moves whole values, which may be large.
+        sync_sizer = BatchSizer(self.plan.copy_.batch, self.budget_us, start=16)
+        check_sizer = BatchSizer(self.plan.copy_.batch, self.budget_us, start=16)
 
         def flush() -> int:
             pacer.before_batch()
             for found in {d.shard for d in page}:
-                copier.sync([d.member for d in page if d.shard == found], chunk=32, found=found)
-            still, _ = verifier.recheck([(d.member, d.shard) for d in page], chunk=32)
+                members = [d.member for d in page if d.shard == found]
+                chunk = sync_sizer.batch
+                worst = copier.sync(members, chunk=chunk, found=found)
+                sync_sizer.observe(worst, min(chunk, len(members)))
+            chunk = check_sizer.batch
+            still, worst = verifier.recheck([(d.member, d.shard) for d in page], chunk=chunk)
+            check_sizer.observe(worst, min(chunk, len(page)))
             alive = {(m, s) for m, _k, s in still}
             fixed = [d for d in page if (d.member, d.shard) not in alive]
             self.store.update_diffs([(d.id, "repaired", d.kind) for d in fixed])
@@ -678,6 +690,7 @@ class Runner:
             # The source is the truth for the last time: from cleaning on, the shards are, and
             # the old key follows their deadline.
             self._follow_deadline("cleanup")
+            self._check_no_shard_lost(swept, run, force=force)
             self.move(P.CLEANING, detail=detail, expect=P.CUTOVER)
         elif job.phase != P.CLEANING:
             raise IllegalTransition(
@@ -708,6 +721,52 @@ class Runner:
             self.barrier("cleanup: old key retired")
             self._guard(lambda: self._remove_keys("cleanup", [self.plan.source.key]), "cleanup")
             return self.move(P.DONE, detail="old key removed", expect=P.CLEANING)
+
+    def _missing_shards(self, what: str) -> list[int]:
+        """Indices of the shard keys that do not exist (EXISTS, a pipeline of 1,000 a trip)."""
+
+        def read() -> list[int]:
+            missing: list[int] = []
+            for i in range(0, len(self.shard_keys), 1000):
+                pipe = self.client.pipeline(transaction=False)
+                for key in self.shard_keys[i : i + 1000]:
+                    pipe.exists(key)
+                missing += [i + j for j, n in enumerate(pipe.execute()) if not n]
+            return missing
+
+        return self._guard(read, what)
+
+    def _check_no_shard_lost(self, swept: Any, run: int, *, force: bool) -> None:
+        """Refuse cleanup when a shard key the last verify run saw is gone: it expired (the
+        application moved the old key's deadline with its plain client after that run, and
+        no write reached the shard) or was deleted, and the old key is the only copy of its
+        members. ``force`` goes on (audited)."""
+        if "missing_shards" not in swept.extra:
+            return  # a run from before verify recorded them: nothing to compare with
+        seen_missing = set(swept.extra["missing_shards"])
+        lost = [i for i in self._missing_shards("cleanup") if i not in seen_missing]
+        if not lost:
+            return
+        names = ", ".join(self.shard_keys[i] for i in lost[:5]) + (
+            f" and {len(lost) - 5} more" if len(lost) > 5 else ""
+        )
+        msg = (
+            f"job {self.name}: shard key(s) {names} held members at the end of verify run "
+            f"{run} and are gone: expired (the old key's deadline moved after that run, and no "
+            "write reached them) or deleted; removing the old key would lose their members"
+        )
+        if force:
+            self.store.add_event(
+                self.name, "flag", to_value="force", detail=f"cleanup --force: {msg}"
+            )
+            return
+        self.store.update_job(self.name, last_error=f"cleanup refused: {msg}")
+        raise VerificationFailed(
+            msg,
+            hint=f"migrator verify {self.name} --repair restores them from the old key, then "
+            "cleanup again (expiring through the shim, ShardRouter.expire, keeps every key on "
+            "one deadline); cleanup --force removes the old key anyway",
+        )
 
     def _follow_deadline(self, what: str) -> int:
         """Every shard's deadline made the source's (copier.follow_deadline)."""

@@ -12,8 +12,9 @@ import redis
 from migrator import commands
 from migrator.routing import shard_of
 from migrator.shim import ShardRouter
-from tests.integration.helpers import seed_hash, write_plan
-from tests.integration.life import SOURCE, TEMPLATE, data_keys
+from tests.conftest import run_cli
+from tests.integration.helpers import eventually, read_shards, seed_hash, write_plan
+from tests.integration.life import SOURCE, TEMPLATE, data_keys, decoded, job_state
 from tests.servers import RedisServer
 
 
@@ -195,3 +196,49 @@ def test_while_the_old_key_is_kept_it_answers_for_the_hash(
     finally:
         router.close()
         client.close()
+
+
+def test_cleanup_refuses_while_a_shard_that_expired_before_the_old_key_is_gone(
+    redis_server: RedisServer, r: redis.Redis, tmp_path: Path, state_url: str
+) -> None:
+    """The application slides the old key's deadline with its plain client after the last
+    verify run, and no write reaches the shards: they expire at the deadline verify gave them
+    while the old key lives on. Cleanup would make the old key's copy of their members the
+    last to go, so it refuses (exit 3); verify --repair restores them, then cleanup goes on."""
+    shards = 4
+    model = seed_hash(r, SOURCE, 400)
+    plan = write_plan(tmp_path / "p.yaml", redis_server.url, shards=shards)
+    assert commands.apply(str(plan), state_url=state_url, allow_no_instances=True).phase == (
+        "verified"
+    )
+    shard_keys = sorted(data_keys(r) - {SOURCE})
+    r.pexpire(SOURCE, 1500)
+    assert commands.verify("t-job", state_url=state_url).deadlines_followed == shards
+    r.expire(SOURCE, 3600)  # slid, with the plain client
+    eventually(lambda: not any(r.exists(k) for k in shard_keys), 10, "the shards expired")
+    commands.set_ratio(100, name="t-job", state_url=state_url)
+
+    res = run_cli("cleanup", "t-job", "--state", state_url)
+    assert res.returncode == 3, res.stderr
+    assert "are gone" in res.stderr and shard_keys[0] in res.stderr
+    assert "verify t-job --repair" in res.stderr
+    assert r.hlen(SOURCE) == 400 and job_state(state_url)["phase"] == "cutover"
+
+    report = commands.verify("t-job", state_url=state_url, repair=True)
+    assert report.repaired == 400
+    assert commands.cleanup("t-job", state_url=state_url).phase == "done"
+    assert decoded(read_shards(r, TEMPLATE, shards)) == decoded(model)
+    assert all(3500_000 < r.pttl(k) <= 3600_000 for k in shard_keys)
+
+
+def test_shard_keys_empty_at_verify_do_not_hold_cleanup_back(
+    redis_server: RedisServer, r: redis.Redis, tmp_path: Path, state_url: str
+) -> None:
+    """A small hash leaves some shard keys empty, which the last verify run records: their
+    absence is no loss."""
+    r.hset(SOURCE, mapping={"m0": "a", "m1": "b"})
+    plan = write_plan(tmp_path / "p.yaml", redis_server.url, shards=8)
+    commands.apply(str(plan), state_url=state_url, allow_no_instances=True)
+    assert len(data_keys(r) - {SOURCE}) <= 2
+    commands.set_ratio(100, name="t-job", state_url=state_url)
+    assert commands.cleanup("t-job", state_url=state_url).phase == "done"

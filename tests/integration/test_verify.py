@@ -269,3 +269,61 @@ def test_the_run_is_marked_finished_only_at_its_end(
     assert {p for p, _ in marks} >= set(range(1 + SHARDS)), marks
     assert not any(finished for _, finished in marks), marks
     assert job_state(state_url)["checkpoints"]["verify"].finished
+
+
+def test_a_member_deleted_from_both_sides_after_its_scan_is_no_difference(
+    r: redis.Redis,
+) -> None:
+    """The shard pass scans a member, then a delete removes it from source and shard before
+    the check runs: neither side holds it, so it is no difference (it used to be reported as
+    extra in the shard, and confirmed with --rounds 1). A member the shard alone holds is one;
+    a delete mark the source lacks is swept."""
+    from migrator.phases import TOMBSTONE
+    from migrator.redisio import Scripts
+
+    r.hset("dst", mapping={"extra": "x", "mark": TOMBSTONE})
+    r.hset("src", "both", "v")
+    r.hset("dst", "both", "v")
+    scripts = Scripts(r)
+    _us, missing, swept = scripts.hash_missing_members(
+        ["src", "dst"], ["gone", "extra", "mark", "both"]
+    )
+    assert missing == [b"extra"] and swept == 1
+    assert r.hgetall("dst") == {b"extra": b"x", b"both": b"v"}
+
+
+def test_repair_sizes_its_scripts_to_the_budget(
+    redis_server: RedisServer, r: redis.Redis, tmp_path: Path, state_url: str
+) -> None:
+    """Repair scripts move whole values, so they are sized by the server time they report, as
+    the copy's packets are: under a budget none can meet (1 µs), after the first pipeline of
+    them every repair script carries one member, and everything is repaired."""
+    import hashlib
+
+    from migrator.redisio.scripts import source
+    from tests.slowlog import runner_sent
+
+    model = seed_hash(r, SOURCE, 300)
+    plan = write_plan(
+        tmp_path / "p.yaml",
+        redis_server.url,
+        shards=SHARDS,
+        extra="copy: {max_command_ms: 0.001}\n",
+    )
+    assert commands.apply(str(plan), state_url=state_url, allow_no_instances=True).phase == (
+        "verified"
+    )
+    r.delete(*[TEMPLATE.replace("{shard}", str(i)) for i in range(SHARDS)])
+    r.config_set("slowlog-log-slower-than", 0)
+    r.config_set("slowlog-max-len", 100_000)
+    r.slowlog_reset()
+    report = commands.verify(JOB, state_url=state_url, repair=True, rounds=2, delay=0.1)
+    assert report.repaired == 300
+    assert read_shards(r, TEMPLATE, SHARDS) == model
+
+    sync = hashlib.sha1(source("hash_sync").encode()).hexdigest().encode()
+    calls = [s for s in reversed(runner_sent(r, 100_000)) if s.kind == (b"EVALSHA", sync)]
+    members = [s.work // 2 for s in calls]  # each member goes with the shard it was found in
+    assert sum(members) == 300
+    first = next(i for i, s in enumerate(calls) if members[i] == 1)
+    assert first <= 3 and set(members[first:]) == {1}, members[:10]

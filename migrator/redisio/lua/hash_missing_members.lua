@@ -19,9 +19,9 @@ if n > 0 then
   for i = 1, n do
     if held[i] == TOMBSTONE then
       swept[#swept + 1] = missing[i]
-    else
+    elseif held[i] then
       k = k + 1; still[k] = missing[i]
-    end
+    end  -- else deleted from both sides since the scan found it: no difference
   end
   if #swept > 0 then call_parts('HDEL', KEYS[2], swept, 1, #swept, 1) end
   missing = still
