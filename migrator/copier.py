@@ -53,7 +53,7 @@ from typing import Any
 import redis
 
 from migrator.errors import SourceVanished
-from migrator.redisio.scripts import Scripts
+from migrator.redisio.scripts import Scripts, member_keys
 from migrator.routing import HASH_FUNCTIONS
 from migrator.scanloop import Step
 from migrator.stream import BURST_S, DEPTH, STEP_SCRIPTS, CommandStream, Packed, Sent
@@ -131,7 +131,6 @@ class HashCopier(CommandStream):
         )
         self.source_key = source_key
         self.shard_keys = list(shard_keys)
-        self.keys = [source_key, *shard_keys]
         self.budget_us = budget_us
         self.scan = max(1, scan)
         # zlib.crc32 straight (already unsigned) spares a Python call per member.
@@ -315,12 +314,12 @@ class HashCopier(CommandStream):
     def sync(self, members: Sequence[bytes], *, chunk: int = 100, found: int = -1) -> float:
         """Make ``members`` in the shards equal to the source; return the largest server time."""
         worst = 0.0
+        n = len(self.shard_keys)
         pipe = self.client.pipeline(transaction=False)
         for i in range(0, len(members), chunk):
-            args: list[object] = []
-            for m in members[i : i + chunk]:
-                args += [m, found]
-            self.scripts.hash_sync(self.keys, args, client=pipe)
+            named = [(m, self._hash(m) % n, found) for m in members[i : i + chunk]]
+            keys, args, _ = member_keys(self.source_key, self.shard_keys, named)
+            self.scripts.hash_sync(keys, args, client=pipe)
         for _written, _removed, elapsed in pipe.execute():
             worst = max(worst, float(elapsed))
         return worst

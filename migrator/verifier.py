@@ -19,7 +19,7 @@ from typing import Any
 
 import redis
 
-from migrator.redisio.scripts import Scripts
+from migrator.redisio.scripts import Scripts, member_keys
 from migrator.routing import HASH_FUNCTIONS
 from migrator.scanloop import Step
 from migrator.stream import CommandStream, Sent
@@ -62,7 +62,6 @@ class HashVerifier:
         self.scripts = scripts
         self.source_key = source_key
         self.shard_keys = list(shard_keys)
-        self.keys = [source_key, *shard_keys]
         self._hash: Callable[[bytes], int] = (
             zlib.crc32 if hash_name == "crc32" else HASH_FUNCTIONS[hash_name]
         )
@@ -143,17 +142,19 @@ class HashVerifier:
         self, members: Sequence[tuple[bytes, int]], chunk: int = 200
     ) -> tuple[list[Found], float]:
         """The members (with the shard each was found in) that still differ, and worst time."""
+        n, h = len(self.shard_keys), self._hash
         pipe = self.client.pipeline(transaction=False)
+        shards_of: list[list[int]] = []  # per call: the shard of each KEYS index
         for i in range(0, len(members), chunk):
-            args: list[object] = []
-            for m, s in members[i : i + chunk]:
-                args += [m, s]
-            self.scripts.hash_check(self.keys, args, client=pipe)
+            named = [(m, h(m) % n, s) for m, s in members[i : i + chunk]]
+            keys, args, shards = member_keys(self.source_key, self.shard_keys, named)
+            self.scripts.hash_check(keys, args, client=pipe)
+            shards_of.append(shards)
         still: list[Found] = []
         worst = 0.0
-        for elapsed, diffs in pipe.execute():
+        for (elapsed, diffs), shards in zip(pipe.execute(), shards_of, strict=True):
             worst = max(worst, float(elapsed))
-            still += _triples(diffs)
+            still += [(m, kind, shards[k]) for m, kind, k in _triples(diffs)]
         return still, worst
 
 

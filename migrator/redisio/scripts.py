@@ -1,5 +1,6 @@
-"""Server-side scripts: loaded from ``lua/``, each prepended with ``lib.lua`` (time, TTL), and
-with ``crc32.lua`` when it routes members itself.
+"""Server-side scripts: loaded from ``lua/``, each prepended with ``lib.lua`` (time, TTL). No
+script routes members: the runner and the shim do, in Python (``routing.py``), and name the
+shard keys a call needs.
 
 Scripts are registered once per client and run with EVALSHA (redis-py's Script falls back to
 EVAL/SCRIPT LOAD after a restart or failover flushed the script cache).
@@ -7,7 +8,7 @@ EVAL/SCRIPT LOAD after a restart or failover flushed the script cache).
 
 from __future__ import annotations
 
-import zlib
+from collections.abc import Iterable, Sequence
 from functools import cache
 from importlib import resources
 from typing import Any, cast
@@ -27,34 +28,12 @@ NAMES = (
 )
 
 
-def _crc_table() -> str:
-    table = []
-    for n in range(256):
-        c = n
-        for _ in range(8):
-            c = (0xEDB88320 ^ (c >> 1)) if c & 1 else (c >> 1)
-        table.append(c)
-    # The generated table must reproduce zlib's checksum; a wrong table would silently misroute.
-    assert zlib.crc32(b"\x01") == _crc_with(table, b"\x01")
-    return ",".join(str(x) for x in table)
-
-
-def _crc_with(table: list[int], data: bytes) -> int:
-    crc = 0xFFFFFFFF
-    for b in data:
-        crc = (crc >> 8) ^ table[(crc ^ b) & 0xFF]
-    return crc ^ 0xFFFFFFFF
-
-
 @cache
 def source(name: str) -> str:
-    """The full Lua source of script ``name`` (lib, and crc32 where it is used, prepended)."""
+    """The full Lua source of script ``name``, lib.lua prepended."""
     lua = resources.files("migrator.redisio") / "lua"
     body = (lua / f"{name}.lua").read_text()
-    lib = (lua / "lib.lua").read_text()
-    if "crc32(" in body:
-        lib = (lua / "crc32.lua").read_text().replace("__CRC_TABLE__", _crc_table()) + lib
-    return lib + "\n" + body
+    return (lua / "lib.lua").read_text() + "\n" + body
 
 
 class Scripts:
@@ -83,3 +62,26 @@ class Scripts:
             return script(keys=keys, args=args, client=client or self._client)
 
         return call
+
+
+def member_keys(
+    source_key: str, shard_keys: Sequence[str], members: Iterable[tuple[bytes, int, int]]
+) -> tuple[list[str], list[object], list[int]]:
+    """KEYS and ARGV for hash_sync / hash_check over ``members`` (member, its shard, the shard
+    it was found in or -1): KEYS[1] the source, then only the shard keys the members name;
+    ARGV member, its shard's KEYS index, the found shard's KEYS index (0: none). Also the
+    shard of each KEYS index (``shards[i]`` for ``KEYS[i]``; -1 for the source)."""
+    keys, shards = [source_key], [-1, -1]  # 1-based: shards[1] is the source
+    index: dict[int, int] = {}
+    args: list[object] = []
+
+    def at(shard: int) -> int:
+        if shard not in index:
+            keys.append(shard_keys[shard])
+            shards.append(shard)
+            index[shard] = len(keys)
+        return index[shard]
+
+    for m, shard, found in members:
+        args += [m, at(shard), at(found) if found >= 0 else 0]
+    return keys, args, shards

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import random
 import signal
 import subprocess
 import sys
@@ -16,32 +15,10 @@ import redis
 
 from migrator import commands, keys
 from migrator.errors import PlanConflict
-from migrator.redisio import Scripts
-from migrator.routing import shard_of
 from migrator.store import open_store
 from tests.conftest import run_cli
 from tests.integration.helpers import read_hash, read_shards, seed_hash, write_plan
 from tests.servers import RedisServer
-
-
-def test_lua_crc32_routes_like_python(r: redis.Redis) -> None:
-    # Random bytes of every length up to 59, from a fixed seed: os.urandom(1) drew b"a" (a
-    # duplicate, so one member short) about once in 256 runs.
-    rng = random.Random(20261121)
-    members = [b"", b"a", b"user:1", b"123456789", "ünï".encode(), bytes(range(256))] + [
-        rng.randbytes(n) for n in range(1, 60)
-    ]
-    assert len(set(members)) == len(members)
-    r.hset("src", mapping={m or b"\x00empty": b"v" for m in members})
-    shard_keys = [f"s:{i}" for i in range(13)]
-    args: list[object] = []
-    for m in members:
-        args += [m or b"\x00empty", -1]
-    Scripts(r).hash_sync(["src", *shard_keys], args)  # routes with the Lua crc32 of crc32.lua
-    for i, k in enumerate(shard_keys):
-        for m in r.hkeys(k):
-            assert shard_of(m, 13) == i
-    assert sum(r.hlen(k) for k in shard_keys) == len(members)
 
 
 def test_apply_copies_verifies_and_reports(

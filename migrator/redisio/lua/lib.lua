@@ -1,6 +1,5 @@
 -- Shared helpers, prepended to every migrator script (see migrator/redisio/scripts.py):
--- time, TTL, and commands of many arguments sent in parts. Scripts that route members get crc32.lua as well; the others do without it,
--- since its table would be built again on every call.
+-- time, TTL, and commands of many arguments sent in parts.
 -- What a shim writes into a shard in place of a member it deletes while the copy may run
 -- (dual_write, copying): the copy inserts only what a shard lacks (HSETNX), so a deleted member
 -- must not leave a gap a value scanned before the delete could fill. Equal to
