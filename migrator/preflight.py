@@ -11,6 +11,7 @@ from migrator import control, memory
 from migrator.errors import PreflightError
 from migrator.phases import TERMINAL
 from migrator.plan import Plan
+from migrator.redisio import keys_exist
 
 
 @dataclass(frozen=True)
@@ -104,10 +105,7 @@ def check_field_ttls(client: redis.Redis, plan: Plan) -> None:
 
 def taken_shard_keys(client: redis.Redis, plan: Plan) -> list[str]:
     shard_keys = plan.target.shard_keys()
-    pipe = client.pipeline(transaction=False)
-    for k in shard_keys:
-        pipe.exists(k)
-    return [k for k, n in zip(shard_keys, pipe.execute(), strict=True) if n]
+    return [k for k, n in zip(shard_keys, keys_exist(client, shard_keys), strict=True) if n]
 
 
 def preflight(

@@ -38,7 +38,7 @@ from migrator.errors import (
 from migrator.gates import ShimProtocolGate, default_gates
 from migrator.lease import Lease
 from migrator.phases import BEFORE_CLEANING, RATIO_PHASES, Phase, phase_for_ratio
-from migrator.redisio import Scripts, connect, supports_unlink
+from migrator.redisio import Scripts, connect, keys_exist, supports_unlink
 from migrator.scanloop import Progress, Step, drive
 from migrator.store import Job, Store
 from migrator.throttle import SLICE, BatchSizer, Controls, Gate, Pacer
@@ -723,16 +723,10 @@ class Runner:
             return self.move(P.DONE, detail="old key removed", expect=P.CLEANING)
 
     def _missing_shards(self, what: str) -> list[int]:
-        """Indices of the shard keys that do not exist (EXISTS, a pipeline of 1,000 a trip)."""
+        """Indices of the shard keys that do not exist."""
 
         def read() -> list[int]:
-            missing: list[int] = []
-            for i in range(0, len(self.shard_keys), 1000):
-                pipe = self.client.pipeline(transaction=False)
-                for key in self.shard_keys[i : i + 1000]:
-                    pipe.exists(key)
-                missing += [i + j for j, n in enumerate(pipe.execute()) if not n]
-            return missing
+            return [i for i, n in enumerate(keys_exist(self.client, self.shard_keys)) if not n]
 
         return self._guard(read, what)
 

@@ -2,6 +2,6 @@
 
 from migrator.redisio.client import connect
 from migrator.redisio.scripts import Scripts
-from migrator.redisio.server import ServerInfo, server_info, supports_unlink
+from migrator.redisio.server import ServerInfo, keys_exist, server_info, supports_unlink
 
-__all__ = ["Scripts", "ServerInfo", "connect", "supports_unlink", "server_info"]
+__all__ = ["Scripts", "ServerInfo", "connect", "keys_exist", "supports_unlink", "server_info"]

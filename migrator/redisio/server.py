@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import cast
 
@@ -44,3 +45,14 @@ def supports_unlink(client: redis.Redis, probe_key: str) -> bool:
             return False
         raise
     return True
+
+
+def keys_exist(client: redis.Redis, keys: Sequence[str], per_trip: int = 1000) -> list[bool]:
+    """Whether each of ``keys`` exists: one EXISTS a key (O(1)), ``per_trip`` a round trip."""
+    found: list[bool] = []
+    for i in range(0, len(keys), per_trip):
+        pipe = client.pipeline(transaction=False)
+        for key in keys[i : i + per_trip]:
+            pipe.exists(key)
+        found += [bool(n) for n in pipe.execute()]
+    return found
