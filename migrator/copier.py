@@ -57,7 +57,7 @@ from migrator.redisio.scripts import Scripts, member_keys
 from migrator.routing import HASH_FUNCTIONS
 from migrator.scanloop import Step
 from migrator.stream import BURST_S, DEPTH, STEP_SCRIPTS, CommandStream, Packed, Sent
-from migrator.throttle import BatchSizer
+from migrator.throttle import BatchSizer, Fence, check_fence
 
 _TIME = b"*1\r\n$4\r\nTIME\r\n"
 #: A member and its value as bulk strings: what HSETNX and HSETEX take after the key.
@@ -120,6 +120,7 @@ class HashCopier(CommandStream):
         depth: int = DEPTH,
         burst_s: float = BURST_S,
         step_scripts: int = STEP_SCRIPTS,
+        fence: Fence | None = None,
     ) -> None:
         super().__init__(
             client,
@@ -128,6 +129,7 @@ class HashCopier(CommandStream):
             depth=depth,
             burst_s=burst_s,
             step_scripts=step_scripts,
+            fence=fence,
         )
         self.source_key = source_key
         self.shard_keys = list(shard_keys)
@@ -320,6 +322,7 @@ class HashCopier(CommandStream):
             named = [(m, self._hash(m) % n, found) for m in members[i : i + chunk]]
             keys, args, _ = member_keys(self.source_key, self.shard_keys, named)
             self.scripts.hash_sync(keys, args, client=pipe)
+        check_fence(self.fence)
         for _written, _removed, elapsed in pipe.execute():
             worst = max(worst, float(elapsed))
         return worst

@@ -7,6 +7,13 @@ expire within ``ttl``. A holder on *this* host whose process is gone is taken ov
 was taken over, or Redis stayed unreachable), ``on_lost`` is called: the runner sets its stop
 event, so the batch in flight finishes, its checkpoint is kept, and the work stops.
 
+A paused process (SIGSTOP, a VM or GC stall) pauses its renewal thread too, and when it wakes
+its next write could land after the lease expired and another holder took over (a rollback
+that removed the shard keys, say). So the holder also fences its own writes: :meth:`Lease.fresh`
+tells, by this process's monotonic clock (which runs on while the process is paused), whether
+the last renewal the server acknowledged is younger than the TTL less :data:`MARGIN`; the
+runner asks before every batch and every streamed packet, and stops when it is not.
+
 Contract: while :meth:`Lease.held` is true no other holder has the key; release only deletes
 the key when it still names this holder.
 """
@@ -30,6 +37,9 @@ from migrator.errors import JobBusy
 
 #: Lease lifetime without renewal; a crashed holder on another host blocks the job this long.
 TTL_S = 5.0
+#: The share of the TTL a holder does not use (:meth:`Lease.fresh`): a write sent just before
+#: must still reach the server, through a busy network or server, before the lease can expire.
+MARGIN = 0.2
 
 _RENEW = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then
@@ -116,16 +126,27 @@ class Lease:
         )
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._lost_lock = threading.Lock()
         self.lost = False
         self.lost_reason = ""
+        # When the last renewal the server acknowledged was sent (monotonic): the lease lives
+        # on the server at least until then + TTL.
+        self._renewed_at = 0.0
+        self._renew_error: redis.RedisError | None = None  # the last renewal's, if it failed
+        self._renew_sent = 0.0  # when the last renewal was sent, answered or not
 
     # -- taking and giving back ------------------------------------------------------------
     def try_acquire(self) -> bool:
+        sent = time.monotonic()
         if self.client.set(self.key, self.value, nx=True, px=self.ttl_ms):
+            self._renewed_at = sent
             return True
         current: Any = self.client.get(self.key)
         if current is not None and self._stale(current):
+            sent = time.monotonic()
             taken = self.client.eval(_TAKE_OVER, 1, self.key, current, self.value, str(self.ttl_ms))
+            if taken:
+                self._renewed_at = sent
             return bool(taken)
         return False
 
@@ -156,16 +177,45 @@ class Lease:
     def release(self) -> None:
         self._stop.set()
         if self._thread is not None:
-            self._thread.join()
+            # A lost lease's renewal may be stuck retrying into an outage: not waited for.
+            self._thread.join(timeout=0.5 if self.lost else None)
             self._thread = None
-        if not self.lost:
-            # On a Redis error it expires by itself within the TTL.
-            with contextlib.suppress(redis.RedisError):
-                self.client.eval(_RELEASE, 1, self.key, self.value)
+        if self.lost and self._silent():
+            return  # Redis is not answering: retrying the release would hold up the exit
+        # Also when lost: one the fence gave up may still be ours. Compare-and-delete; on a
+        # Redis error it expires by itself within the TTL.
+        with contextlib.suppress(redis.RedisError):
+            self.client.eval(_RELEASE, 1, self.key, self.value)
 
     @property
     def held(self) -> bool:
         return self._thread is not None and not self.lost
+
+    def fresh(self) -> bool:
+        """Whether a write sent now surely reaches the server while the lease is ours: the
+        last acknowledged renewal was sent less than the TTL less :data:`MARGIN` ago. When it
+        was not (this process was paused or starved: its renewal thread did not run), the
+        lease is given up as lost (``on_lost``) even if the server still has it: it may have
+        expired, and another holder may be at work."""
+        if self.lost:
+            return False
+        age = time.monotonic() - self._renewed_at
+        if age < (1.0 - MARGIN) * self.ttl_ms / 1000.0:
+            return True
+        error = self._renew_error
+        self._mark_lost(
+            f"Redis did not answer its renewals for {age:.1f} s"
+            + (f" ({error})" if error is not None else "")
+            + ", so it may have expired and be another holder's"
+            if self._silent()
+            else f"this process did not renew it for {age:.1f} s (it was paused or starved), "
+            "so it may have expired and be another holder's"
+        )
+        return False
+
+    def _silent(self) -> bool:
+        """Redis failed the last renewal, or has not answered one sent since the last success."""
+        return self._renew_error is not None or self._renew_sent > self._renewed_at
 
     def __enter__(self) -> Lease:
         return self
@@ -179,24 +229,32 @@ class Lease:
         pid = _local_pid(raw, alive=False)
         return pid is not None
 
+    def _mark_lost(self, reason: str) -> None:
+        """Lost, once (the renewal thread and the fence may both find it), and say why."""
+        with self._lost_lock:
+            if self.lost:
+                return
+            self.lost_reason = reason
+            self.lost = True
+        if self.on_lost:
+            self.on_lost()
+
     def _renew_loop(self) -> None:
         interval = self.ttl_ms / 4000.0
-        last_ok = time.monotonic()
-        while not self._stop.wait(interval):
+        while not self._stop.wait(interval) and not self.lost:
             error: redis.RedisError | None = None
+            sent = self._renew_sent = time.monotonic()
             try:
                 ok = bool(self.client.eval(_RENEW, 1, self.key, self.value, str(self.ttl_ms)))
                 if ok:
-                    last_ok = time.monotonic()
+                    self._renewed_at, self._renew_error = sent, None
             except redis.RedisError as e:
                 ok, error = False, e
-                if time.monotonic() - last_ok < self.ttl_ms / 1000.0:
+                self._renew_error = e
+                if time.monotonic() - self._renewed_at < self.ttl_ms / 1000.0:
                     continue  # a blip: keep trying while the lease is still ours
             if not ok:
-                self.lost_reason = self._why_lost(error)
-                self.lost = True
-                if self.on_lost:
-                    self.on_lost()
+                self._mark_lost(self._why_lost(error))
                 return
 
     def _why_lost(self, error: redis.RedisError | None) -> str:

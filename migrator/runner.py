@@ -41,7 +41,7 @@ from migrator.phases import BEFORE_CLEANING, RATIO_PHASES, Phase, phase_for_rati
 from migrator.redisio import Scripts, connect, keys_exist, supports_unlink
 from migrator.scanloop import Progress, Step, drive
 from migrator.store import Job, Store
-from migrator.throttle import SLICE, BatchSizer, Controls, Gate, Pacer
+from migrator.throttle import SLICE, BatchSizer, Controls, Gate, Pacer, check_fence
 from migrator.verifier import Found, HashVerifier
 
 T = TypeVar("T")
@@ -158,6 +158,12 @@ class Runner:
             self._lease = None
             lease.release()
 
+    def _fresh(self) -> bool:
+        """The fence of the runner's writes (throttle.Fence): outside a leased block there is
+        no lease to lose; inside, it must surely still be this process's (Lease.fresh)."""
+        lease = self._lease
+        return lease is None or lease.fresh()
+
     def _lease_lost(self, purpose: str, why: str) -> LeaseLost:
         """The stop a lost lease caused, named as such (not as a stop on request), with who
         holds the lease now. Audited as a ``lease_lost`` event, not as ``last_error``: the job
@@ -209,6 +215,7 @@ class Runner:
         )
 
     def publish(self) -> None:
+        check_fence(self._fresh)
         record = self.record()
         self._guard(lambda: control.publish(self.client, record), "publishing the control record")
 
@@ -221,6 +228,7 @@ class Runner:
         expect: Phase | None = None,
     ) -> Job:
         """Store first (``expect``: only from that phase), then the control record."""
+        check_fence(self._fresh)
         self.job = self.store.transition(self.name, to, ratio=ratio, detail=detail, expect=expect)
         self.publish()
         return self.job
@@ -301,6 +309,9 @@ class Runner:
         self, stage: str, extra: Callable[[], dict[str, Any]] | None = None
     ) -> Callable[[str, int, bool], None]:
         def save(cursor: str, done: int, finished: bool) -> None:
+            # The lease may be another holder's, whose checkpoint this would set back: stop
+            # (a silent skip would let the loop end as if its last save had been made).
+            check_fence(self._fresh)
             self.store.save_checkpoint(
                 self.job, stage, cursor, done, finished=finished, extra=extra() if extra else None
             )
@@ -309,6 +320,7 @@ class Runner:
 
     def _report(self, stage: str) -> Callable[[Progress], None]:
         def report(p: Progress) -> None:
+            check_fence(self._fresh)
             cp = self.store.get_checkpoint(self.job, stage)
             self.store.save_checkpoint(
                 self.job,
@@ -391,6 +403,7 @@ class Runner:
             hash_name=self.plan.target.hash,
             scan=self.plan.copy_.batch,
             sizer=sizer,
+            fence=self._fresh,
         )
         shims = ShimProtocolGate(self.client, self.name)
 
@@ -447,7 +460,9 @@ class Runner:
             return self._verify(rounds=rounds, delay=delay, repair=repair, fresh=fresh)
 
     def _verify(self, *, rounds: int, delay: float, repair: bool, fresh: bool) -> VerifyReport:
-        verifier = HashVerifier(self.client, self.scripts, self.plan.source.key, self.shard_keys)
+        verifier = HashVerifier(
+            self.client, self.scripts, self.plan.source.key, self.shard_keys, fence=self._fresh
+        )
         cp = self.store.get_checkpoint(self.job, "verify")
         if cp is None or cp.finished or fresh or "run" not in cp.extra:
             run = self.store.last_verify_run(self.job) + 1
@@ -564,7 +579,12 @@ class Runner:
         from migrator.store import iter_all
 
         copier = HashCopier(
-            self.client, self.scripts, self.plan.source.key, self.shard_keys, self.budget_us
+            self.client,
+            self.scripts,
+            self.plan.source.key,
+            self.shard_keys,
+            self.budget_us,
+            fence=self._fresh,
         )
         pacer = self.pacer()
         repaired = 0
@@ -765,6 +785,7 @@ class Runner:
     def _follow_deadline(self, what: str) -> int:
         """Every shard's deadline made the source's (copier.follow_deadline)."""
         source = self.plan.source.key
+        check_fence(self._fresh)
         return self._guard(lambda: follow_deadline(self.scripts, source, self.shard_keys), what)
 
     def _old_retired(self) -> bool:
@@ -786,6 +807,7 @@ class Runner:
         for index in range(start, len(targets)):
             key = targets[index]
             state = {"key": index, "mode": mode}
+            check_fence(self._fresh)  # a holder paused since the barrier removes nothing more
             if mode == "unlink":
                 remover.unlink(key)
             else:
@@ -811,6 +833,7 @@ class Runner:
                         report=self._report(stage),
                     )
                     cursor = "0"
+            check_fence(self._fresh)
             self.store.save_checkpoint(
                 self.job,
                 stage,

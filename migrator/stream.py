@@ -35,7 +35,7 @@ from redis.exceptions import NoScriptError
 from migrator.env import int_from_env
 from migrator.redisio.scripts import Scripts
 from migrator.redisio.wire import Spin, StreamWire, wire_for
-from migrator.throttle import BatchSizer
+from migrator.throttle import BatchSizer, Fence, check_fence
 
 #: Commands in flight at once. Two keep the server busy while the runner reads a reply and
 #: sends the next; more would queue up at the server, and the application would wait for them.
@@ -91,8 +91,10 @@ class CommandStream:
         burst_s: float = BURST_S,
         step_scripts: int = STEP_SCRIPTS,
         spin_s: float | None = None,
+        fence: Fence | None = None,
     ) -> None:
         self.client = client
+        self.fence = fence  # asked before each command is sent
         self.spin = Spin(spin_seconds() if spin_s is None else spin_s)
         self.scripts = scripts
         self.sizer = sizer
@@ -164,6 +166,9 @@ class CommandStream:
                 )
                 if not self._finished() and (more or self._must_go_on()):
                     while len(self._inflight) < self.depth:
+                        # A process paused mid-step (SIGSTOP, a VM stall) must not send the
+                        # rest of it once its lease may be another's.
+                        check_fence(self.fence)
                         nxt = self._next_command(self._count(count), more)
                         if nxt is None:
                             break

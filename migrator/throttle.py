@@ -30,6 +30,19 @@ SLICE = 0.04
 #: Valkey 9 for HMGET-sized work per member.
 OUTSIDE_US_PER_MEMBER = 0.4
 
+#: Whether this process may still write for its job: the job's lease is surely its own
+#: (``Lease.fresh``). Asked before every batch and every streamed command.
+Fence = Callable[[], bool]
+
+
+def check_fence(fence: Fence | None) -> None:
+    """Raise Interrupted when ``fence`` says the process may not write any more."""
+    if fence is not None and not fence():
+        raise Interrupted(
+            "stopped before writing more: the job's lease is no longer surely this process's",
+            hint="the job keeps its checkpoint; run the same command again (or `migrator run`)",
+        )
+
 
 class BatchSizer:
     """Members per command, adapted so that each command stays within ``budget_us``."""
@@ -153,8 +166,10 @@ class Pacer:
         gates: Sequence[Gate] = (),
         controls_interval: float = 0.25,
         sleep: Callable[[float], None] = time.sleep,
+        fence: Fence | None = None,
     ) -> None:
         self.plan_rate = rate
+        self.fence = fence
         self.limiter = RateLimiter(rate)
         self.stop = stop or threading.Event()
         self._controls = controls
@@ -188,6 +203,7 @@ class Pacer:
         return [r for r in self._gate_reason.values() if r]
 
     def check_stop(self) -> None:
+        check_fence(self.fence)
         if self.stop.is_set():
             raise Interrupted(
                 "stopped on request after the last acknowledged batch",
@@ -196,7 +212,8 @@ class Pacer:
             )
 
     def before_batch(self, on_wait: Callable[[str | None], None] | None = None) -> None:
-        """Return when the next batch may run; raise Interrupted when a stop was requested."""
+        """Return when the next batch may run; raise Interrupted when a stop was requested or
+        the fence is down."""
         while True:
             self.check_stop()
             self._refresh_controls()

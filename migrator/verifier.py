@@ -23,7 +23,7 @@ from migrator.redisio.scripts import Scripts, member_keys
 from migrator.routing import HASH_FUNCTIONS
 from migrator.scanloop import Step
 from migrator.stream import CommandStream, Sent
-from migrator.throttle import BatchSizer
+from migrator.throttle import BatchSizer, Fence
 
 Found = tuple[bytes, str, int]  # (member, kind, shard)
 #: Turns a check script's reply into (its server time, the differences it found).
@@ -57,9 +57,11 @@ class HashVerifier:
         shard_keys: Sequence[str],
         *,
         hash_name: str = "crc32",
+        fence: Fence | None = None,
     ) -> None:
         self.client = client
         self.scripts = scripts
+        self.fence = fence  # its passes remove delete marks: writes, fenced as the copy's
         self.source_key = source_key
         self.shard_keys = list(shard_keys)
         self._hash: Callable[[bytes], int] = (
@@ -174,7 +176,7 @@ class _Walk(CommandStream):
         sink: Callable[[list[Found]], None],
         sizer: BatchSizer | None,
     ) -> None:
-        super().__init__(verifier.client, verifier.scripts, sizer=sizer)
+        super().__init__(verifier.client, verifier.scripts, sizer=sizer, fence=verifier.fence)
         self.key = key
         self.script = script
         self.check = check

@@ -6,6 +6,8 @@ the same command (or `migrator run`) goes on from there."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import sqlite3
 import threading
 import time
@@ -189,3 +191,45 @@ def test_a_runner_that_loses_its_lease_says_so_and_keeps_its_checkpoint(
     assert state["job"].last_error is None
     # The lease is the other holder's still: ours was not released over it.
     assert json.loads(r.get(keys.lock(JOB)) or b"{}") == other
+
+
+def test_a_runner_paused_past_its_lease_writes_nothing_when_it_wakes(
+    redis_server: RedisServer, r: redis.Redis, tmp_path: Path, state_url: str
+) -> None:
+    """A runner paused (SIGSTOP here; a VM or GC stall in life) until its lease expired may
+    find, when it wakes, another holder at work: here one that removed the shard keys, as a
+    rollback does. It must not send another write. Its renewal thread was paused too, so the
+    runner fences its writes by its own clock (Lease.fresh) and stops with LeaseLost."""
+    seed_hash(r, "big:hash", 200_000)
+    plan = write_plan(tmp_path / "p.yaml", redis_server.url, extra="copy: {rate: 20000}\n")
+    apply = migrator_popen(
+        "plan", "apply", str(plan), "--allow-no-instances", env=cli_env(state_url)
+    )
+    shard_keys = [f"big:{i}" for i in range(8)]
+    try:
+
+        def copying() -> bool:
+            cp = job_state(state_url)["checkpoints"].get("copy")
+            return cp is not None and cp.members_done > 0
+
+        eventually(copying, 30, "the copy got going")
+        os.kill(apply.pid, signal.SIGSTOP)
+        try:
+            eventually(
+                lambda: not r.exists(keys.lock(JOB)), 10, "the paused runner's lease expired"
+            )
+            other = {"purpose": "rollback", "host": "elsewhere", "pid": 1, "token": "t", "since": 0}
+            r.set(keys.lock(JOB), json.dumps(other))
+            assert r.exists(*shard_keys)  # the copy had written some
+            r.unlink(*shard_keys)
+        finally:
+            os.kill(apply.pid, signal.SIGCONT)
+        out, err = apply.communicate(timeout=60)
+    finally:
+        if apply.poll() is None:
+            apply.kill()
+    assert apply.returncode == 1, err
+    assert "lost the lease" in err and "Traceback" not in err, err
+    assert r.exists(*shard_keys) == 0, "the woken runner wrote after its lease expired"
+    assert json.loads(r.get(keys.lock(JOB)) or b"{}") == other  # not released over the other
+    assert 0 < job_state(state_url)["checkpoints"]["copy"].members_done < 200_000

@@ -127,3 +127,47 @@ def test_a_lost_lease_stops_its_holder(r: redis.Redis) -> None:
     assert lost.wait(2)
     lease.release()
     assert r.get(keys.lock("t-job")) == b"someone else"  # release never removes another's
+
+
+def test_a_holder_whose_renewals_stall_stops_writing_before_its_lease_can_expire(
+    r: redis.Redis,
+) -> None:
+    """The fence (Lease.fresh) goes by the last renewal the server acknowledged, on this
+    process's clock: renewals held up (here behind CLIENT PAUSE; a paused or starved process
+    holds them up the same way) end the holder's right to write before the TTL could run
+    out, and the reason names the renewal Redis has not answered."""
+    lost = threading.Event()
+    lease = Lease(r, "t-job", purpose="apply", ttl=0.5, on_lost=lost.set).acquire()
+    try:
+        time.sleep(0.6)  # past one TTL: renewed meanwhile, so still fresh
+        assert lease.fresh() and not lost.is_set()
+        r.client_pause(1500, all=True)  # every renewal now waits behind the pause
+        time.sleep(0.5)
+        assert not lease.fresh()  # 0.4 s = the TTL less the margin: it stops before 0.5 s
+        assert lost.is_set() and lease.lost and not lease.held
+        assert lease.lost_reason.startswith("Redis did not answer its renewals for")
+        assert not lease.fresh()  # and stays down, whatever the renewal in flight brings
+    finally:
+        r.client_unpause()
+        lease.release()
+    assert not r.exists(keys.lock("t-job"))  # still ours when it gave up: released
+
+
+def test_a_holder_cut_off_from_redis_says_so_and_lets_go_without_waiting(
+    start_server,  # type: ignore[no-untyped-def]
+) -> None:
+    """Renewals failing (the server gone) trip the fence too; the reason names Redis, not a
+    paused process, and giving the lease back does not retry into the outage."""
+    server = start_server()
+    client = server.client()
+    lost = threading.Event()
+    lease = Lease(client, "t-job", purpose="apply", ttl=0.5, on_lost=lost.set).acquire()
+    try:
+        server.stop()
+        time.sleep(0.6)
+        assert not lease.fresh() and lost.is_set()
+        assert lease.lost_reason.startswith("Redis did not answer"), lease.lost_reason
+    finally:
+        started = time.monotonic()
+        lease.release()
+        assert time.monotonic() - started < 1.0

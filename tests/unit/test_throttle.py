@@ -150,3 +150,12 @@ def test_pacer_stop_interrupts_a_held_batch() -> None:
     pacer = Pacer(0, stop=stop, gates=[gate])
     with pytest.raises(Interrupted):
         pacer.before_batch(lambda reason: stop.set())
+
+
+def test_pacer_stops_before_a_batch_once_its_fence_is_down() -> None:
+    may_write = [True]
+    pacer = Pacer(0, fence=lambda: may_write[0])
+    pacer.before_batch()
+    may_write[0] = False
+    with pytest.raises(Interrupted, match="lease is no longer surely"):
+        pacer.before_batch()
