@@ -101,8 +101,22 @@ def _s(v: bytes | str) -> str:
     return v.decode() if isinstance(v, bytes) else v
 
 
-def publish(client: redis.Redis, record: ControlRecord) -> None:
-    client.hset(keys.control(record.job), mapping=record.to_hash())
+#: HSET the record unless the one published holds a later epoch: two commands racing (a
+#: set-ratio and a rollback, a runner that read the job before waiting for its lease) can
+#: publish out of order, and shims install whatever record differs from theirs.
+_PUBLISH = """
+local cur = redis.call('HGET', KEYS[1], 'epoch')
+if cur and tonumber(cur) > tonumber(ARGV[1]) then return 0 end
+redis.call('HSET', KEYS[1], unpack(ARGV, 2))
+return 1
+"""
+
+
+def publish(client: redis.Redis, record: ControlRecord) -> bool:
+    """Publish ``record``; False (nothing written) when a later epoch is published already:
+    whoever moved the job on has published, or will publish, its own record."""
+    flat = [x for kv in record.to_hash().items() for x in kv]
+    return bool(client.eval(_PUBLISH, 1, keys.control(record.job), str(record.epoch), *flat))
 
 
 def read(client: redis.Redis, job: str) -> ControlRecord | None:

@@ -149,6 +149,9 @@ class Runner:
         )
         self._lease = lease
         try:
+            # What another holder did while this one waited for the lease counts from here:
+            # the job as read before would publish a stale record, and move from a stale phase.
+            self.refresh()
             yield lease
         except Interrupted as e:
             if lease.lost and not isinstance(e, LeaseLost):
@@ -642,7 +645,7 @@ class Runner:
         target = phase_for_ratio(ratio) if ratio > 0 or job.phase != P.VERIFIED else P.VERIFIED
         detail = "set-ratio --force" if force and job.phase == P.VERIFYING else "set-ratio"
         if target == job.phase:
-            self.job = self.store.set_ratio(self.name, ratio, detail=detail)
+            self.job = self.store.set_ratio(self.name, ratio, expect=job.phase, detail=detail)
             self.publish()
             return self.job
         return self.move(target, ratio=ratio, detail=detail)
@@ -729,7 +732,7 @@ class Runner:
                 # The new epoch first: were the checkpoint saved first and the runner stopped
                 # before the bump, a resumed cleanup would publish retire_old under the epoch
                 # shims acknowledged without it, and the barrier below would pass at once.
-                self.job = self.store.bump_epoch(self.name)
+                self.job = self.store.bump_epoch(self.name, expect=P.CLEANING)
                 self.store.save_checkpoint(self.job, "retire", "0", 0, finished=True)
                 self.store.add_event(
                     self.name,

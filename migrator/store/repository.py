@@ -37,6 +37,13 @@ def now() -> datetime:
     return datetime.now(timezone.utc)
 
 
+def _changed_meanwhile(name: str) -> IllegalTransition:
+    return IllegalTransition(
+        f"job {name} was changed by another command meanwhile; see `migrator status {name}` "
+        "and try again"
+    )
+
+
 def actor() -> tuple[str, str]:
     """(user, host) recorded with every audited event."""
     try:
@@ -343,20 +350,13 @@ class Store:
             check_transition(job.phase, to)
             values: dict[str, Any] = {
                 "phase": to.value,
-                "epoch": job.epoch + 1,
                 "updated_at": now(),
                 "phase_changed_at": now(),
                 "last_error": None,
             }
             if ratio is not None:
                 values["ratio"] = ratio
-            res = conn.execute(
-                jobs.update()
-                .where(jobs.c.id == job.id, jobs.c.phase == job.phase.value)
-                .values(**values)
-            )
-            if res.rowcount != 1:
-                raise IllegalTransition(f"job {name} changed phase concurrently; try again")
+            self._bump(conn, job, **values)
             if to != job.phase:
                 self._event(conn, job.id, "phase", job.phase.value, to.value, detail)
             if ratio is not None and ratio != job.ratio:
@@ -372,24 +372,23 @@ class Store:
             job = self._job(conn, name)
             check_transition(job.phase, Phase.PLANNED)
             conn.execute(checkpoints.delete().where(checkpoints.c.job_id == job.id))
-            conn.execute(
-                jobs.update()
-                .where(jobs.c.id == job.id)
-                .values(
-                    phase=Phase.PLANNED.value,
-                    ratio=0,
-                    epoch=max(job.epoch, epoch_floor) + 1,
-                    allow_no_instances=allow_no_instances,
-                    # The operator's pause and rate belonged to the run rolled back.
-                    paused=False,
-                    rate_override=None,
-                    spec=plan.spec(),
-                    spec_hash=plan.spec_hash(),
-                    updated_at=now(),
-                    phase_changed_at=now(),
-                    last_error=None,
-                    total_members=None,
-                )
+            # A refusal rolls the checkpoint delete back too.
+            self._bump(
+                conn,
+                job,
+                epoch=max(job.epoch, epoch_floor) + 1,
+                phase=Phase.PLANNED.value,
+                ratio=0,
+                allow_no_instances=allow_no_instances,
+                # The operator's pause and rate belonged to the run rolled back.
+                paused=False,
+                rate_override=None,
+                spec=plan.spec(),
+                spec_hash=plan.spec_hash(),
+                updated_at=now(),
+                phase_changed_at=now(),
+                last_error=None,
+                total_members=None,
             )
             self._event(
                 conn, job.id, "phase", job.phase.value, Phase.PLANNED.value, "applied again"
@@ -416,24 +415,43 @@ class Store:
                 self._event(conn, job.id, audit, _s(old), _s(values[key]), None)
             return self._job(conn, name)
 
-    def set_ratio(self, name: str, ratio: int, *, detail: str | None = None) -> Job:
-        """Change the ratio within the current phase (gray → gray); bumps the epoch, audited."""
+    def set_ratio(self, name: str, ratio: int, *, expect: Phase, detail: str | None = None) -> Job:
+        """Change the ratio within phase ``expect`` (gray → gray); bumps the epoch, audited."""
         with self.engine.begin() as conn:
             job = self._job(conn, name)
-            conn.execute(
-                jobs.update()
-                .where(jobs.c.id == job.id)
-                .values(ratio=ratio, epoch=job.epoch + 1, updated_at=now())
-            )
+            if job.phase != expect:
+                raise IllegalTransition(f"job {name} is in phase {job.phase}, not {expect}")
+            self._bump(conn, job, ratio=ratio, updated_at=now())
             if ratio != job.ratio:
                 self._event(conn, job.id, "ratio", str(job.ratio), str(ratio), detail)
             return self._job(conn, name)
 
-    def bump_epoch(self, name: str) -> Job:
+    def bump_epoch(self, name: str, *, expect: Phase) -> Job:
+        """A new epoch within phase ``expect`` (cleanup retiring the old key)."""
         with self.engine.begin() as conn:
             job = self._job(conn, name)
-            conn.execute(jobs.update().where(jobs.c.id == job.id).values(epoch=job.epoch + 1))
+            if job.phase != expect:
+                raise IllegalTransition(f"job {name} is in phase {job.phase}, not {expect}")
+            self._bump(conn, job)
             return self._job(conn, name)
+
+    def _bump(
+        self, conn: sa.Connection, job: Job, *, epoch: int | None = None, **values: Any
+    ) -> None:
+        """A new epoch (``epoch``, else the next), only over the epoch and phase read: every
+        epoch names one record, which a concurrent command (whose reads ran outside this
+        transaction, as SQLite's driver runs them) must not number the same."""
+        res = conn.execute(
+            jobs.update()
+            .where(
+                jobs.c.id == job.id,
+                jobs.c.phase == job.phase.value,
+                jobs.c.epoch == job.epoch,
+            )
+            .values(epoch=job.epoch + 1 if epoch is None else epoch, **values)
+        )
+        if res.rowcount != 1:
+            raise _changed_meanwhile(job.name)
 
     # -- checkpoints --------------------------------------------------------------------
     def get_checkpoint(self, job: Job, stage: str) -> Checkpoint | None:

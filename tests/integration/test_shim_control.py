@@ -232,3 +232,18 @@ def test_a_forked_child_heartbeats_as_its_own_instance(r: redis.Redis, attach: A
     ids = {i.id: i for i in control.instances(r, JOB)}
     assert ids[child_id].epoch == 5 and ids[child_id].pid == child.pid
     assert r.hget(shard_key("from-child"), "from-child") == b"1"
+
+
+def test_a_record_published_late_never_replaces_a_later_epoch(r: redis.Redis) -> None:
+    """Two commands can publish out of order (a runner that read the job before it waited for
+    the lease, a set-ratio racing a rollback); shims install any record that differs from
+    theirs, so an older epoch must not overwrite a newer one. The same epoch may be published
+    again (a resumed step re-publishes its record)."""
+    assert control.publish(r, record(Phase.ROLLING_BACK, epoch=8))
+    assert not control.publish(r, record(Phase.COPYING, epoch=7))
+    now = control.read(r, JOB)
+    assert now is not None and (now.phase, now.epoch) == (Phase.ROLLING_BACK, 8)
+    assert control.publish(r, record(Phase.ROLLING_BACK, epoch=8))
+    assert control.publish(r, record(Phase.ROLLED_BACK, epoch=9))
+    now = control.read(r, JOB)
+    assert now is not None and (now.phase, now.epoch) == (Phase.ROLLED_BACK, 9)

@@ -107,3 +107,29 @@ def test_transitions_checkpoints_events_diffs(backend_url: str) -> None:
         assert all(e.actor and e.host for e in store.history("s-job"))
     finally:
         store.close()
+
+
+def test_a_ratio_change_racing_a_rollback_is_refused_not_numbered_alike(
+    backend_url: str,
+) -> None:
+    """`set-ratio 30` read the job in gray; a rollback moved it on meanwhile (epoch N+1). The
+    ratio change, from another process's store, must not land on the rolling-back job as epoch
+    N+1 again (two control records alike numbered: a shim's ack of one passes the other's
+    barrier) nor set ratio 30 on it."""
+    one, two = open_store(backend_url), open_store(backend_url)
+    try:
+        one.create_job(PLAN, allow_no_instances=True)
+        for to in (Phase.DUAL_WRITE, Phase.COPYING, Phase.VERIFYING, Phase.VERIFIED, Phase.GRAY):
+            one.transition("s-job", to)
+        gray = two.get_job("s-job")
+        rolling = one.transition("s-job", Phase.ROLLING_BACK, ratio=0, expect=Phase.GRAY)
+        assert rolling.epoch == gray.epoch + 1
+        with pytest.raises(IllegalTransition, match="rolling_back, not gray"):
+            two.set_ratio("s-job", 30, expect=gray.phase)
+        with pytest.raises(IllegalTransition):
+            two.bump_epoch("s-job", expect=Phase.CLEANING)
+        after = one.get_job("s-job")
+        assert (after.phase, after.ratio, after.epoch) == (Phase.ROLLING_BACK, 0, rolling.epoch)
+    finally:
+        one.close()
+        two.close()
