@@ -194,6 +194,16 @@ class Runner:
         finally:
             self._phases = previous
 
+    def _still_working(self) -> Job:
+        """The job as stored; Interrupted once it left the phases of the work in progress."""
+        j = self.store.get_job(self.name)
+        if self._phases is not None and j.phase not in self._phases:
+            raise Interrupted(
+                f"job {self.name} moved to phase {j.phase} meanwhile (another command); "
+                "this run stops here"
+            )
+        return j
+
     # -- plumbing ---------------------------------------------------------------------------
     def refresh(self) -> Job:
         self.job = self.store.get_job(self.name)
@@ -528,6 +538,9 @@ class Runner:
             self.pacer().check_stop()
             time.sleep(delay)
             self._recheck(verifier, run, "suspect")
+        # A rollback meanwhile stopped the dual writes: what the rounds saw since is no
+        # difference to confirm, and the run stops as its scan would have.
+        self._still_working()
         # What survived every round is confirmed.
         self.store.set_diff_status(self.job, run, "suspect", "confirmed")
         self.store.drop_duplicate_diffs(self.job, run, "confirmed")

@@ -50,6 +50,7 @@ def drive(
     started, start_done = time.monotonic(), done
     last_save = last_report = time.monotonic()
     first = True
+    ended = False  # the end is saved: a later failure (in pacing, a report) must not undo it
 
     def progress(reason: str | None) -> None:
         if report:
@@ -78,12 +79,14 @@ def drive(
             now = time.monotonic()
             if cursor == "0" or now - last_save >= save_every:
                 save(cursor, done, cursor == "0")
+                ended = cursor == "0"
                 last_save = last_report = now
                 progress(pacer.reason)
             pacer.after_batch(result.members, waiting)
     except BaseException:
         # Whatever stopped us (a stop request, a Redis error that outlived its retries), the
         # last acknowledged cursor is kept so the work resumes there.
-        save(cursor, done, False)
+        if not ended:
+            save(cursor, done, False)
         raise
     return done

@@ -9,6 +9,7 @@ import time
 import pytest
 
 from migrator.errors import Interrupted
+from migrator.scanloop import Progress, Step, drive
 from migrator.throttle import BatchSizer, Controls, Gate, Pacer, RateLimiter
 
 
@@ -159,3 +160,29 @@ def test_pacer_stops_before_a_batch_once_its_fence_is_down() -> None:
     may_write[0] = False
     with pytest.raises(Interrupted, match="lease is no longer surely"):
         pacer.before_batch()
+
+
+def test_drive_keeps_the_end_it_saved_when_a_later_report_fails() -> None:
+    """The last step's save marks the scan finished; a failure after it (a report, the rate
+    wait) must not save it again as unfinished, which would start the scan over."""
+    saves: list[tuple[str, int, bool]] = []
+
+    def step(cursor: str, count: int) -> Step:
+        return Step("0", 7, 1.0)
+
+    def report(p: Progress) -> None:
+        raise RuntimeError("the store went away")
+
+    with pytest.raises(RuntimeError):
+        drive(
+            step,
+            stage="copy",
+            cursor="0",
+            done=0,
+            total=None,
+            sizer=BatchSizer(100, 1000.0),
+            pacer=Pacer(0),
+            save=lambda c, d, f: saves.append((c, d, f)),
+            report=report,
+        )
+    assert saves == [("0", 7, True)]
