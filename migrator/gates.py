@@ -124,7 +124,8 @@ class LatencyGate(Gate):
         if self.holding:
             return (
                 f"server latency: PING median {median:.2f} ms, idle {self.baseline_ms:.2f} ms "
-                f"(holding above {limit:.2f} ms)"
+                f"(holding above {limit:.2f} ms; if the path to the server changed for good, a "
+                "failover to a farther host say, restart the runner: it learns the idle anew)"
             )
         return None
 

@@ -35,7 +35,7 @@ from migrator.errors import (
     SourceVanished,
     VerificationFailed,
 )
-from migrator.gates import ShimProtocolGate, default_gates
+from migrator.gates import MemoryGate, PauseFileGate, ShimProtocolGate, default_gates
 from migrator.lease import Lease
 from migrator.phases import BEFORE_CLEANING, RATIO_PHASES, Phase, phase_for_ratio
 from migrator.redisio import Scripts, connect, keys_exist, supports_unlink
@@ -290,17 +290,16 @@ class Runner:
         self.store.update_job(self.name, last_error=msg)
         raise BarrierTimeout(msg, hint="check those instances; the step is resumable")
 
-    def pacer(self, *, also: Sequence[Gate] = ()) -> Pacer:
+    def pacer(self, *, also: Sequence[Gate] = (), frees: str | None = None) -> Pacer:
         """The pacer of the runner's loops: the plan's rate ceiling, the operator's controls,
-        the runner's gates, and ``also`` (gates of this loop alone)."""
+        the runner's gates, and ``also`` (gates of this loop alone).
+
+        ``frees``: the loop removes keys (``rollback`` or ``cleanup``): memory near
+        ``maxmemory`` does not hold it, since it is what brings memory down; and a rollback,
+        the way out, goes on past a pause file as it goes on past ``migrator pause``."""
 
         def controls() -> Controls:
-            j = self.store.get_job(self.name)
-            if self._phases is not None and j.phase not in self._phases:
-                raise Interrupted(
-                    f"job {self.name} moved to phase {j.phase} meanwhile (another command); "
-                    "this run stops here"
-                )
+            j = self._still_working()
             # Pause acts on copy, verify and cleanup (SPEC §4): a rollback, the way out, goes on
             # (at the rate set, through the gates) even if the job was paused before it.
             return Controls(paused=j.paused and j.phase != P.ROLLING_BACK, rate=j.rate_override)
@@ -312,8 +311,13 @@ class Runner:
                 if self._gates
                 else default_gates(self.client, self.name, self.store.url)
             )
-        gates = [*self._gate_list, *also]
-        return Pacer(self.plan.copy_.rate, stop=self.stop, controls=controls, gates=gates)
+        skip: tuple[type[Gate], ...] = ()
+        if frees:
+            skip = (MemoryGate, PauseFileGate) if frees == "rollback" else (MemoryGate,)
+        gates = [*(g for g in self._gate_list if not isinstance(g, skip)), *also]
+        return Pacer(
+            self.plan.copy_.rate, stop=self.stop, controls=controls, gates=gates, fence=self._fresh
+        )
 
     def sizer(self, aim: float = 0.3) -> BatchSizer:
         return BatchSizer(self.plan.copy_.batch, self.budget_us, aim=aim)
@@ -844,7 +848,7 @@ class Runner:
                         done=done,
                         total=None,
                         sizer=self.sizer(),
-                        pacer=self.pacer(),
+                        pacer=self.pacer(frees=stage),
                         save=self._saver(stage, functools.partial(dict, state)),
                         report=self._report(stage),
                     )

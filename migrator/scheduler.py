@@ -58,7 +58,9 @@ class Due:
 
 def due(store: Store, job: Job, now: datetime, *, grace: float) -> Due | None:
     """What ``job`` is due for at ``now``, or None. Pure apart from reading the store."""
-    if job.paused:  # the operator's `migrator resume` makes it due again
+    if job.paused and job.phase != P.ROLLING_BACK:
+        # The operator's `migrator resume` makes it due again; a rollback, the way out, goes
+        # on while paused (Runner.pacer), so an interrupted one is resumed regardless.
         return None
     after = job.plan.cleanup.after
     if job.phase == P.CUTOVER and after > 0:

@@ -11,6 +11,7 @@ import redis
 
 from migrator import commands
 from migrator.errors import MigratorError
+from migrator.gates import MemoryGate, state_dir
 from tests.conftest import run_cli
 from tests.integration.helpers import read_hash, seed_hash, write_plan
 from tests.integration.life import (
@@ -166,3 +167,27 @@ def test_a_paused_job_still_rolls_back_and_a_reapply_audits_its_flag(
     res = run_cli("plan", "apply", str(plan), "--allow-no-instances", env=env)
     assert res.returncode == 0, res.stderr
     assert flags() == 2
+
+
+def test_rollback_by_hdel_goes_on_near_maxmemory_and_past_a_pause_file(
+    start_server: Any, tmp_path: Path, state_url: str
+) -> None:
+    """Memory near maxmemory holds the copy; it must not hold the rollback that brings memory
+    down (with HSCAN+HDEL, which runs through the gates), nor may a pause file hold the way
+    out, as `migrator pause` does not."""
+    server = start_server()
+    r = server.client()
+    model = seed_hash(r, SOURCE, 20_000)
+    plan = write_plan(tmp_path / "p.yaml", server.url, shards=4, extra="cleanup: {mode: hdel}\n")
+    commands.apply(str(plan), state_url=state_url, allow_no_instances=True)
+    used = int(r.info("memory")["used_memory"])
+    r.config_set("maxmemory", int(used / 0.95))  # 95% used: the memory gate holds
+    assert MemoryGate(r).check() is not None
+    pause_file = state_dir(state_url) / "pause"
+    pause_file.touch()
+    res = run_cli("rollback", JOB, env=cli_env(state_url), timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert data_keys(r) == {SOURCE} and read_hash(r, SOURCE) == model
+    removed = [e for e in commands.history(JOB, state_url=state_url) if e.kind == "rollback"]
+    assert removed and removed[-1].to_value == "hdel"
+    r.close()

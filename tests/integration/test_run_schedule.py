@@ -70,6 +70,10 @@ def test_what_is_due_in_each_phase(store: Store) -> None:
     job = store.get_job("t-job")
     d = due(store, job, job.phase_changed_at + timedelta(seconds=5), grace=3)
     assert d is not None and d.work == "rollback"
+    # A rollback goes on while paused (it is the way out): an interrupted one is resumed.
+    paused = store.update_job("t-job", paused=True)
+    d = due(store, paused, job.phase_changed_at + timedelta(seconds=5), grace=3)
+    assert d is not None and d.work == "rollback"
     _walk(store, P.ROLLED_BACK)
     job = store.get_job("t-job")
     assert due(store, job, job.phase_changed_at + timedelta(days=9), grace=3) is None
