@@ -7,6 +7,7 @@ another shell do not block each other); PostgreSQL URLs work the same.
 
 from __future__ import annotations
 
+import fcntl
 import getpass
 import os
 import secrets
@@ -23,7 +24,13 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
-from migrator.errors import IllegalTransition, InputError, JobNotFound, StoreUnavailable
+from migrator.errors import (
+    IllegalTransition,
+    InputError,
+    JobBusy,
+    JobNotFound,
+    StoreUnavailable,
+)
 from migrator.phases import Phase, check_transition
 from migrator.plan import Plan
 from migrator.store.tables import checkpoints, diffs, events, jobs
@@ -35,6 +42,16 @@ _UPGRADE_LOCK = threading.Lock()
 
 def now() -> datetime:
     return datetime.now(timezone.utc)
+
+
+#: The length of an event's from_value and to_value columns (tables.events).
+VALUE_CHARS = 64
+
+
+def _clip(value: str | None) -> str | None:
+    if value is None or len(value) <= VALUE_CHARS:
+        return value
+    return value[: VALUE_CHARS - 1] + "…"
 
 
 def _changed_meanwhile(name: str) -> IllegalTransition:
@@ -191,11 +208,22 @@ def _unavailable(url: str) -> Callable[[Any], None]:
 @contextmanager
 def opening(url: str) -> Iterator[None]:
     """Turn what goes wrong while opening the store at ``url`` into migrator's errors: a URL
-    that is not one, or names a database or driver that is not there, is bad input (exit 2);
-    a store that cannot be reached is a runtime failure (exit 1)."""
+    that is not one, names a database, role or driver that is not there (or credentials the
+    server refuses), a file that is not a SQLite database, or an in-memory SQLite database
+    (gone, with its jobs, when the command exits) is bad input (exit 2); a store that cannot
+    be reached is a runtime failure (exit 1)."""
     where = mask_url(url)
     hint = "pass --state URL or set MIGRATOR_STATE_URL (e.g. sqlite:///.migrator/state.db)"
     try:
+        u = sa.engine.make_url(url)
+        if u.get_backend_name() == "sqlite" and (
+            not u.database or ":memory:" in u.database or u.query.get("mode") == "memory"
+        ):
+            raise InputError(
+                f"state store URL {where!r} is an in-memory SQLite database: the job would be "
+                "lost when this command exits",
+                hint="name a file, e.g. sqlite:///.migrator/state.db",
+            )
         yield
     except (sa.exc.ArgumentError, sa.exc.NoSuchModuleError, ValueError) as e:
         raise InputError(f"state store URL {where!r} is not usable: {e}", hint=hint) from None
@@ -207,6 +235,15 @@ def opening(url: str) -> Iterator[None]:
     except OSError as e:
         raise InputError(f"state store {where}: {e.strerror or e}", hint=hint) from None
     except sa.exc.DBAPIError as e:
+        # The server (or the file) answered, and what it refused is the URL: no retry helps.
+        fatal = str(e.orig).partition("FATAL:")[2].strip().partition("\n")[0]
+        if (
+            fatal.endswith("does not exist")  # database or role
+            or "authentication failed" in fatal
+            or "no pg_hba.conf entry" in fatal
+            or getattr(e.orig, "sqlite_errorname", None) in ("SQLITE_NOTADB", "SQLITE_CANTOPEN")
+        ):
+            raise InputError(f"state store {where}: {fatal or e.orig}", hint=hint) from None
         raise StoreUnavailable(
             f"cannot open the state store {where}: {e.orig or e}",
             hint="check that the database is up and the URL is right; nothing was changed",
@@ -227,13 +264,37 @@ def state_exists(url: str) -> bool:
             engine.dispose()
 
 
+@contextmanager
+def _file_lock(url: str) -> Iterator[None]:
+    """For a SQLite store, an flock on ``FILE.lock`` beside it, held by one process at a time;
+    taken before the transaction, so released after its commit. Never a descriptor of the
+    database file itself: closing one drops every POSIX lock SQLite holds on it in this
+    process (SQLite's "how to corrupt" notes, 2.2)."""
+    path = sqlite_file(url)
+    if path is None:
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "ab") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        yield
+
+
+#: The advisory lock key of a schema upgrade on PostgreSQL ("migrator" in ASCII).
+_PG_LOCK_KEY = 0x6D69677261746F72
+
+
 def open_store(url: str | None = None) -> Store:
     """Open (and on first use create or upgrade, through Alembic) the store at ``url``."""
     url = state_url(url)
     with opening(url):
         engine = _engine(url)
-        # Alembic's command API keeps module-global state: one upgrade at a time per process.
-        with _UPGRADE_LOCK, engine.begin() as conn:
+        # Alembic's command API keeps module-global state: one upgrade at a time per process;
+        # and one at a time per store, or two commands started together on a new store both
+        # create its tables and the second fails.
+        with _UPGRADE_LOCK, _file_lock(url), engine.begin() as conn:
+            if conn.dialect.name == "postgresql":  # held to the commit
+                conn.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": _PG_LOCK_KEY})
             if _current(conn) != _head():
                 from alembic import command
 
@@ -299,6 +360,17 @@ class Store:
         """Register a job; its epochs start above ``epoch_floor`` (the epoch an earlier run of
         the same name left published in Redis)."""
         t = now()
+        try:
+            return self._insert_job(plan, t, allow_no_instances, epoch_floor)
+        except sa.exc.IntegrityError:
+            raise JobBusy(
+                f"job {plan.name} was registered by another command at the same moment",
+                hint=f"see `migrator status {plan.name}`; apply again once that command is done",
+            ) from None
+
+    def _insert_job(
+        self, plan: Plan, t: datetime, allow_no_instances: bool, epoch_floor: int
+    ) -> Job:
         with self.engine.begin() as conn:
             inserted = conn.execute(
                 jobs.insert().values(
@@ -504,13 +576,18 @@ class Store:
         detail: str | None,
     ) -> None:
         user, host = actor()
+        # The value columns hold 64 characters (PostgreSQL refuses more; SQLite would keep
+        # them): a longer value (a Sentinel URL) is clipped there and kept whole in detail.
+        whole = [v for v in (from_value, to_value) if v is not None and len(v) > VALUE_CHARS]
+        if whole:
+            detail = "; ".join(([detail] if detail else []) + whole)
         conn.execute(
             events.insert().values(
                 job_id=job_id,
                 at=now(),
                 kind=kind,
-                from_value=from_value,
-                to_value=to_value,
+                from_value=_clip(from_value),
+                to_value=_clip(to_value),
                 actor=user,
                 host=host,
                 detail=detail,

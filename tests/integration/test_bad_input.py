@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 import redis
+import sqlalchemy as sa
 
 from tests.conftest import run_cli
 from tests.integration.helpers import seed_hash, write_plan
@@ -176,6 +178,37 @@ def test_status_without_a_store_says_no_jobs_and_creates_none(tmp_path: Path) ->
     res = run_cli("status", cwd=tmp_path)
     assert res.returncode == 0 and res.stdout.strip() == "no jobs", res
     assert not (tmp_path / ".migrator").exists()
+
+
+def test_a_state_file_that_is_not_a_database_is_bad_input(tmp_path: Path) -> None:
+    notes = tmp_path / "README.md"
+    notes.write_text("# not a database\n")
+    for args in (["status"], ["pause", "t-job"], ["run", "--once"]):
+        res = run_cli(*args, "--state", "sqlite:///README.md", cwd=tmp_path)
+        assert res.returncode == 2, (args, res.stdout, res.stderr)
+        assert "state store sqlite:///README.md: file is not a database" in res.stderr
+        assert "Traceback" not in res.stderr and res.stderr.count("error:") == 1
+    assert notes.read_text() == "# not a database\n"
+
+
+PG = os.environ.get("MIGRATOR_TEST_POSTGRES_URL")
+
+
+@pytest.mark.skipif(not PG, reason="PostgreSQL: set MIGRATOR_TEST_POSTGRES_URL")
+@pytest.mark.parametrize(
+    ("part", "needle"),
+    [
+        ({"database": "migrator_no_such_db"}, 'database "migrator_no_such_db" does not exist'),
+        ({"username": "migrator_no_such_role"}, 'role "migrator_no_such_role" does not exist'),
+    ],
+)
+def test_a_postgresql_url_the_server_refuses_is_bad_input(
+    part: dict[str, str], needle: str, tmp_path: Path
+) -> None:
+    url = sa.engine.make_url(PG).set(**part).render_as_string(hide_password=False)
+    res = run_cli("status", "--state", url, cwd=tmp_path)
+    assert res.returncode == 2, (res.stdout, res.stderr)
+    assert needle in res.stderr and "Traceback" not in res.stderr, res.stderr
 
 
 def test_an_unreachable_state_store_is_a_clear_message(tmp_path: Path) -> None:

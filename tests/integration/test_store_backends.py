@@ -5,6 +5,9 @@ MIGRATOR_TEST_POSTGRES_URL is set (scripts/test sets it when a server answers)."
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,7 +15,7 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from migrator.errors import IllegalTransition, JobNotFound
+from migrator.errors import IllegalTransition, JobBusy, JobNotFound
 from migrator.phases import Phase
 from migrator.plan import parse_plan
 from migrator.store import open_existing_store, open_store, peek_job, state_exists
@@ -109,6 +112,22 @@ def test_transitions_checkpoints_events_diffs(backend_url: str) -> None:
         store.close()
 
 
+def test_an_event_value_longer_than_its_column_is_clipped_and_kept_in_detail(
+    backend_url: str,
+) -> None:
+    url = "redis+sentinel://" + ",".join(f"sentinel-{i}.example.internal:26379" for i in range(4))
+    store = open_store(backend_url)
+    try:
+        store.create_job(PLAN)
+        store.add_event("s-job", "redis_url", to_value=url + "/mymaster/0", detail="was x")
+        [event] = [e for e in store.history("s-job") if e.kind == "redis_url"]
+        assert event.to_value is not None and len(event.to_value) == 64
+        assert event.to_value.endswith("…") and url.startswith(event.to_value[:-1])
+        assert event.detail == f"was x; {url}/mymaster/0"
+    finally:
+        store.close()
+
+
 def test_a_ratio_change_racing_a_rollback_is_refused_not_numbered_alike(
     backend_url: str,
 ) -> None:
@@ -130,6 +149,40 @@ def test_a_ratio_change_racing_a_rollback_is_refused_not_numbered_alike(
             two.bump_epoch("s-job", expect=Phase.CLEANING)
         after = one.get_job("s-job")
         assert (after.phase, after.ratio, after.epoch) == (Phase.ROLLING_BACK, 0, rolling.epoch)
+    finally:
+        one.close()
+        two.close()
+
+
+def test_commands_started_together_on_a_new_store_all_open_it(backend_url: str) -> None:
+    """`migrator run` and `plan apply` started at once on a new store: one creates its
+    tables, the others wait for it and find them, instead of failing to create them again."""
+    code = (
+        "import sys, time\n"
+        "from migrator.store import open_store\n"
+        "time.sleep(max(0.0, float(sys.argv[2]) - time.time()))\n"
+        "open_store(sys.argv[1]).close()\n"
+    )
+    start = f"{time.time() + 1.5:.3f}"
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", code, backend_url, start],
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(4)
+    ]
+    errors = [p.communicate(timeout=60)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0] * 4, errors
+    assert state_exists(backend_url)
+
+
+def test_a_job_registered_twice_at_once_is_busy_not_a_traceback(backend_url: str) -> None:
+    one, two = open_store(backend_url), open_store(backend_url)
+    try:
+        one.create_job(PLAN)
+        with pytest.raises(JobBusy, match="registered by another command at the same moment"):
+            two.create_job(PLAN)  # it read no job a moment ago: the insert is what collides
     finally:
         one.close()
         two.close()
