@@ -215,7 +215,11 @@ def _status_of(store: Store, job: Job) -> dict[str, Any]:
     if copy_cp and copy_cp.finished and total is not None:
         copied = total
     rate = float(cp.extra.get("rate", 0.0)) if cp else 0.0
-    working = job.phase in ACTIVE and cp is not None
+    # `migrator verify NAME` also runs in verified, gray and cutover (not after a rollback,
+    # which can leave the verify it interrupted unfinished).
+    working = cp is not None and (
+        job.phase in ACTIVE or (stage == "verify" and job.phase in VERIFIABLE)
+    )
     eta = None
     if stage == "copy" and working and rate > 0 and total is not None:
         eta = round(max(total - copied, 0) / rate, 1)
@@ -236,7 +240,7 @@ def _status_of(store: Store, job: Job) -> dict[str, Any]:
         else (1.0 if copy_cp and copy_cp.finished else 0.0),
         "copy_insert": copy_cp.extra.get("insert") if copy_cp else None,
         "stage": stage if working else None,
-        "stage_done": cp.members_done if cp else 0,
+        "stage_done": cp.members_done if cp and working else None,
         "rate": rate if working else 0.0,
         "eta_seconds": eta,
         "throttle": cp.extra.get("throttle") if cp and working else None,

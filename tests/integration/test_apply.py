@@ -139,12 +139,14 @@ def test_status_json_via_cli(
         "eta_seconds",
         "throttle",
         "stage",
+        "stage_done",
         "last_error",
         "instances",
         "counters",
     ):
         assert field in st
     assert st["phase"] == "verified" and st["total"] == 3000
+    assert st["stage"] is None and st["stage_done"] is None  # idle: null, as README says
     # Which insert this server got is test_throttle_budget.py's business; status says it.
     assert st["copy_insert"].startswith(("HSETNX, one member", "HSETEX FNX, up to"))
     text = run_cli("status", "t-job", "--state", state_url).stdout
@@ -203,6 +205,7 @@ def test_sigkill_mid_copy_then_resume_from_checkpoint(
     # Its lease outlives it (TTL), but status sees the holder is gone from this host.
     [st] = commands.status(state_url, "t-job")
     assert st["interrupted"] and st["stage"] == "copy" and st["runner"] is None
+    assert st["stage_done"] == killed_at[1]
     assert "interrupted: copy stopped at" in run_cli("status", "--state", state_url).stdout
 
     res = run_cli("plan", "apply", str(plan), "--allow-no-instances", "--state", state_url)
@@ -214,3 +217,40 @@ def test_sigkill_mid_copy_then_resume_from_checkpoint(
     assert len(resumed) == 1
     assert resumed[0].to_value != "0"  # a real cursor, not a restart from zero
     assert f"after {killed_at[1]} members" in (resumed[0].detail or "")
+
+
+def test_status_shows_a_verify_run_after_verifying_and_its_interruption(
+    redis_server: RedisServer, r: redis.Redis, tmp_path: Path, state_url: str
+) -> None:
+    """`migrator verify NAME` runs in verified, gray and cutover too: status shows its stage,
+    progress and runner there as it does in verifying, and says when it was interrupted."""
+    seed_hash(r, "big:hash", 50_000)
+    plan = write_plan(tmp_path / "p.yaml", redis_server.url)
+    commands.apply(str(plan), state_url=state_url, allow_no_instances=True)
+    commands.set_ratio(30, name="t-job", state_url=state_url)
+    assert run_cli("set-rate", "t-job", "5000", "--state", state_url).returncode == 0
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "migrator", "verify", "t-job", "--state", state_url],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        deadline, st = time.monotonic() + 30, None
+        while time.monotonic() < deadline:
+            [st] = commands.status(state_url, "t-job")
+            if st["stage"] == "verify" and (st["stage_done"] or 0) > 0 and st["runner"]:
+                break
+            time.sleep(0.1)
+        assert st is not None and st["phase"] == "gray" and st["stage"] == "verify", st
+        assert "verify" in st["runner"] and st["rate"] > 0 and not st["interrupted"]
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    [st] = commands.status(state_url, "t-job")
+    assert st["interrupted"] and st["stage"] == "verify" and st["runner"] is None
+    # Rolled back, the unfinished verify is nobody's work to resume: not shown as interrupted.
+    assert commands.rollback("t-job", state_url=state_url).phase == "rolled_back"
+    [st] = commands.status(state_url, "t-job")
+    assert not st["interrupted"] and st["stage"] is None and st["stage_done"] is None
