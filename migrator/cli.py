@@ -52,6 +52,10 @@ class Number(click.ParamType):
 #: Seconds an option may wait: at most a day.
 SECONDS = Number(0.0, 86400.0)
 
+#: Seconds app instances get to acknowledge a phase change: 0 would time out at once, after
+#: cleanup had already moved to `cleaning`, the phase there is no way back from.
+BARRIER_SECONDS = Number(1.0, 86400.0)
+
 STATE_HELP = "state store URL (default: $MIGRATOR_STATE_URL, else sqlite:///.migrator/state.db)"
 
 
@@ -169,7 +173,7 @@ def plan_validate(file: str) -> None:
 )
 @click.option(
     "--barrier-timeout",
-    type=SECONDS,
+    type=BARRIER_SECONDS,
     default=60.0,
     show_default=True,
     help="seconds to wait for live app instances to acknowledge a phase change",
@@ -394,7 +398,7 @@ def verify(
 
 @cli.command()
 @click.argument("name")
-@click.option("--barrier-timeout", type=SECONDS, default=60.0, show_default=True)
+@click.option("--barrier-timeout", type=BARRIER_SECONDS, default=60.0, show_default=True)
 @state_option
 def rollback(name: str, barrier_timeout: float, state_url: str | None) -> None:
     """Back to old-only: ratio 0, shard keys removed. Possible until cleanup starts."""
@@ -407,7 +411,7 @@ def rollback(name: str, barrier_timeout: float, state_url: str | None) -> None:
 
 @cli.command()
 @click.argument("name")
-@click.option("--barrier-timeout", type=SECONDS, default=60.0, show_default=True)
+@click.option("--barrier-timeout", type=BARRIER_SECONDS, default=60.0, show_default=True)
 @click.option(
     "--force",
     is_flag=True,
@@ -456,7 +460,7 @@ def history(name: str, as_json: bool, state_url: str | None) -> None:
     help="seconds between scans of the state store",
 )
 @click.option("--once", is_flag=True, help="do what is due now, wait for it, then exit")
-@click.option("--barrier-timeout", type=SECONDS, default=60.0, show_default=True)
+@click.option("--barrier-timeout", type=BARRIER_SECONDS, default=60.0, show_default=True)
 @state_option
 def run(interval: float, once: bool, barrier_timeout: float, state_url: str | None) -> None:
     """Long-running runner: resumes interrupted jobs, runs cleanups scheduled by cleanup.after.

@@ -7,6 +7,7 @@ refused) and raises :class:`~migrator.errors.PlanError` with one message naming 
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import json
 import math
@@ -202,17 +203,44 @@ def load_plan(path: str | os.PathLike[str], env: Mapping[str, str] | None = None
         text = p.read_text(encoding="utf-8")
     except OSError as e:
         raise PlanError(f"{p}: cannot read plan file: {e.strerror or e}") from None
+    except UnicodeDecodeError as e:
+        raise PlanError(
+            f"{p}: a plan file is UTF-8 text, and this one is not "
+            f"(byte 0x{e.object[e.start]:02x} at offset {e.start})"
+        ) from None
     return parse_plan(text, env, source=str(p))
+
+
+class _PlanLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, but every value it cannot construct is a YAMLError with its
+    position: some escape as a bare ValueError (``2025-02-30`` reads as a date and is none)."""
+
+    def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
+        try:
+            return super().construct_object(node, deep)
+        except yaml.YAMLError:
+            raise
+        except (ValueError, TypeError, OverflowError) as e:
+            kind = str(node.tag).rsplit(":", 1)[-1]
+            if kind == "timestamp":
+                problem = (
+                    f"{node.value} reads as a date but is not one ({e}); quote it if it is text"
+                )
+            else:
+                problem = f"cannot read {node.value!r} as {kind}: {e}"
+            raise yaml.constructor.ConstructorError(None, None, problem, node.start_mark) from None
 
 
 def parse_plan(text: str, env: Mapping[str, str] | None = None, source: str = "plan") -> Plan:
     try:
-        raw = yaml.safe_load(text)
+        raw = yaml.load(text, Loader=_PlanLoader)  # a SafeLoader
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(e, "problem", None) or str(e)
         raise PlanError(f"{source}: not valid YAML{where}: {problem}") from None
+    except RecursionError:
+        raise PlanError(f"{source}: not valid YAML: nested too deeply") from None
     if not isinstance(raw, dict):
         raise PlanError(f"{source}: a plan is a YAML mapping with name, source and target")
     try:
@@ -234,7 +262,23 @@ def _describe(e: ValidationError) -> str:
             msg = "field required"
         elif kind == "extra_forbidden":
             msg = "unknown field"
+        elif kind == "string_type" and _read_as(err["input"]):
+            msg = (
+                f"YAML reads this unquoted value as {_read_as(err['input'])}, not text: "
+                "put it in quotes"
+            )
         else:
             msg = err["msg"].removeprefix("Value error, ")
         lines.append(f"  {field}: {msg}")
     return "\n".join(lines)
+
+
+def _read_as(value: Any) -> str | None:
+    """What an unquoted YAML scalar given for a text field turned into, if not text."""
+    if isinstance(value, bool):
+        return f"a boolean ({str(value).lower()})"
+    if isinstance(value, (int, float)):
+        return f"a number ({value!r})"
+    if isinstance(value, (datetime.date, datetime.datetime)):
+        return f"a date ({value.isoformat()})"
+    return None

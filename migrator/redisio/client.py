@@ -4,7 +4,8 @@ Retry policy (one layer per concern): redis-py's own ``Retry`` re-sends a single
 a connection error or timeout (3 tries, exponential backoff capped at 1 s); batches and phases
 are retried by the runner with tenacity. Supported URLs: ``redis://``, ``rediss://`` (TLS),
 ``unix://`` and ``redis+sentinel://h1:26379,h2:26379/service/db``; ACL user and password come
-from the URL.
+from the URL, and the query options :data:`migrator.urls.QUERY_OPTIONS` lists (README, "Redis
+URL") override the settings below.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from redis.retry import Retry
 from redis.sentinel import Sentinel
 
 from migrator.errors import InputError, PreflightError, RedisUnavailable
-from migrator.urls import SentinelURL, mask_url, parse_sentinel_url
+from migrator.urls import SentinelURL, check_redis_url, mask_url, parse_sentinel_url
 
 __all__ = ["SentinelURL", "connect", "parse_sentinel_url"]
 
@@ -45,6 +46,9 @@ def connect(url: str, *, name: str | None = None, check: bool = True) -> redis.R
     Redis Cluster is detected and refused for now with a clear message: the cluster path needs
     non-atomic dual writes, which this release does not implement yet.
     """
+    problem = check_redis_url(url)  # the plan's own check: nothing unknown reaches redis-py
+    if problem:
+        raise InputError(f"{mask_url(url)} is not a usable Redis URL: {problem}")
     try:
         if url.startswith("redis+sentinel://"):
             s = parse_sentinel_url(url)

@@ -49,6 +49,44 @@ PLAN_CASES = {
         "name: a\nsource: {key: k}\ntarget: {key: 'x:{shard}', shards: 4, hash: sha1}\n",
         "unknown hash function 'sha1'",
     ),
+    "url-unknown-option": (
+        "name: a\nredis: {url: 'redis://127.0.0.1:6379/0?ssl=true'}\nsource: {key: k}\n"
+        "target: {key: 'x:{shard}', shards: 4}\n",
+        "redis.url: redis://127.0.0.1:6379/0?ssl=true is not a usable Redis URL: unknown "
+        "option 'ssl'",
+    ),
+    "url-pool-option": (
+        "name: a\nredis: {url: 'redis://127.0.0.1:6379/0?timeout=5'}\nsource: {key: k}\n"
+        "target: {key: 'x:{shard}', shards: 4}\n",
+        "unknown option 'timeout'",
+    ),
+    "url-ill-typed-option": (
+        "name: a\nredis: {url: 'redis://127.0.0.1:6379/0?socket_keepalive=off'}\n"
+        "source: {key: k}\ntarget: {key: 'x:{shard}', shards: 4}\n",
+        "option 'socket_keepalive' is 1, 0, true, false, yes, no or on, not 'off'",
+    ),
+    "unix-without-path": (
+        "name: a\nredis: {url: 'unix://'}\nsource: {key: k}\n"
+        "target: {key: 'x:{shard}', shards: 4}\n",
+        "a unix:// URL names the socket",
+    ),
+    "sentinel-unknown-option": (
+        "name: a\nredis: {url: 'redis+sentinel://h1/svc?notls=1'}\nsource: {key: k}\n"
+        "target: {key: 'x:{shard}', shards: 4}\n",
+        "unknown option 'notls'",
+    ),
+    "impossible-date": (
+        "name: 2025-02-30\nsource: {key: k}\ntarget: {key: 'x:{shard}', shards: 4}\n",
+        "2025-02-30 reads as a date but is not one",
+    ),
+    "date-for-text": (
+        "name: 2025-01-15\nsource: {key: k}\ntarget: {key: 'x:{shard}', shards: 4}\n",
+        "name: YAML reads this unquoted value as a date (2025-01-15), not text: put it in quotes",
+    ),
+    "number-for-text": (
+        "name: a\nsource: {key: 12345}\ntarget: {key: 'x:{shard}', shards: 4}\n",
+        "source.key: YAML reads this unquoted value as a number (12345), not text",
+    ),
     "unset-env": (
         "name: a\nredis: {url: '${MIGRATOR_TEST_UNSET_VAR}'}\nsource: {key: k}\n"
         "target: {key: 'x:{shard}', shards: 4}\n",
@@ -65,6 +103,22 @@ def test_bad_plan_is_refused(case: str, tmp_path: Path) -> None:
     for verb in (["plan", "validate"], ["plan", "apply"]):
         res = run_cli(*verb, str(plan), cwd=tmp_path)
         _assert_refused(res, needle, tmp_path / ".migrator" / "state.db")
+
+
+def test_a_url_message_never_echoes_the_password(tmp_path: Path) -> None:
+    plan = write_plan(tmp_path / "p.yaml", "redis://app:zq1?xw9@127.0.0.1:6379/0")
+    for verb in (["plan", "validate"], ["plan", "apply"]):
+        res = run_cli(*verb, str(plan), cwd=tmp_path)
+        _assert_refused(res, "must be percent-encoded", tmp_path / ".migrator" / "state.db")
+        assert "redis://app:***@127.0.0.1:6379/0" in res.stderr
+        assert "zq1" not in res.stderr and "xw9" not in res.stderr, res.stderr
+
+
+def test_a_plan_file_that_is_not_utf8(tmp_path: Path) -> None:
+    plan = tmp_path / "p.yaml"
+    plan.write_bytes("name: a\nsource: {key: caf\xe9}\n".encode("latin-1"))
+    res = run_cli("plan", "validate", str(plan), cwd=tmp_path)
+    _assert_refused(res, f"{plan}: a plan file is UTF-8 text", tmp_path / ".migrator" / "state.db")
 
 
 def test_missing_plan_file(tmp_path: Path) -> None:
@@ -137,7 +191,35 @@ VERB_CASES = {
     "negative-delay": (["verify", "t-job", "--delay", "-1"], "'-1' is not a number of at least 0"),
     "nan-barrier-timeout": (
         ["cleanup", "t-job", "--barrier-timeout", "nan"],
-        "'nan' is not a number of at least 0",
+        "'nan' is not a number of at least 1",
+    ),
+    # 0 s would time out at once, after cleanup moved to `cleaning`, which has no way back.
+    "zero-barrier-timeout": (
+        ["cleanup", "t-job", "--barrier-timeout", "0"],
+        "'0' is not a number of at least 1",
+    ),
+    "sub-second-barrier-timeout-run": (
+        ["run", "--once", "--barrier-timeout", "0.5"],
+        "'0.5' is not a number of at least 1",
+    ),
+    # `migrator run` creates no store to watch for nothing: a mistyped --state, or no plan yet.
+    "run-without-store": (["run", "--once"], "there is no state store at sqlite:///.migrator"),
+    "run-mistyped-state": (
+        ["run", "--once", "--state", "sqlite:///.migrator/stat.db"],
+        "there is no state store at sqlite:///.migrator/stat.db",
+    ),
+    # An in-memory store is gone, with the job, when the command exits.
+    "in-memory-store": (
+        ["status", "--state", "sqlite://"],
+        "state store URL 'sqlite://' is an in-memory SQLite database",
+    ),
+    "in-memory-store-named": (
+        ["pause", "t-job", "--state", "sqlite:///:memory:"],
+        "state store URL 'sqlite:///:memory:' is an in-memory SQLite database",
+    ),
+    "in-memory-store-run": (
+        ["run", "--once", "--state", "sqlite+pysqlite:///file::memory:?uri=true"],
+        "is an in-memory SQLite database",
     ),
     "nan-interval": (["run", "--once", "--interval", "nan"], "'nan' is not a number"),
     "unknown-job": (["pause", "t-job"], "no state store at sqlite:///.migrator/state.db"),

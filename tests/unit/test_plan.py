@@ -1,9 +1,12 @@
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from migrator.errors import PlanError
-from migrator.plan import mask_url, parse_duration, parse_plan
+from migrator.plan import load_plan, mask_url, parse_duration, parse_plan
+from migrator.urls import check_redis_url, parse_sentinel_url
 
 GOOD = """
 name: user-info-split
@@ -76,13 +79,14 @@ def test_secrets_are_masked() -> None:
         (GOOD.replace("after: 7d", "after: " + "9" * 400), "longer than ten years"),
         (
             GOOD.replace("${REDIS_URL:-redis://127.0.0.1:6379/0}", "redis://h:abc/0"),
-            "redis.url: redis://h:abc/0 is not a usable Redis URL: Port could not be cast",
+            "redis.url: redis://h:abc/0 is not a usable Redis URL: the port is not a number from 1",
         ),
         (
             GOOD.replace(
                 "${REDIS_URL:-redis://127.0.0.1:6379/0}", "redis://h:1/0?socket_timeout=x"
             ),
-            "Invalid value for 'socket_timeout'",
+            "redis.url: redis://h:1/0?socket_timeout=x is not a usable Redis URL: option "
+            "'socket_timeout' is a number of seconds above 0, not 'x'",
         ),
         (
             GOOD.replace("${REDIS_URL:-redis://127.0.0.1:6379/0}", "redis://h:1/users"),
@@ -90,11 +94,11 @@ def test_secrets_are_masked() -> None:
         ),
         (
             GOOD.replace("${REDIS_URL:-redis://127.0.0.1:6379/0}", "redis+sentinel://h1:abc/svc"),
-            "sentinel 'h1:abc': the port is not a number",
+            "the port of the sentinel is not a number from 1 to 65535",
         ),
         (
             GOOD.replace("${REDIS_URL:-redis://127.0.0.1:6379/0}", "redis+sentinel://h1:1/svc/x"),
-            "after the service comes at most a db number",
+            "after the service name comes at most a db number",
         ),
         (
             GOOD.replace("${REDIS_URL:-redis://127.0.0.1:6379/0}", "redis+sentinel://h1:1"),
@@ -116,3 +120,162 @@ def test_durations() -> None:
     assert parse_duration("250ms") == 0.25
     with pytest.raises(ValueError):
         parse_duration(-1)
+
+
+BASE = "name: a\nsource: {key: k}\ntarget: {key: 'x:{shard}', shards: 4}\n"
+
+
+def _with_url(url: str) -> str:
+    return BASE + f"redis: {{url: '{url}'}}\n"
+
+
+@pytest.mark.parametrize(
+    ("url", "needle"),
+    [
+        # Options redis-py does not take would be a TypeError at the first command.
+        ("redis://127.0.0.1:6379/0?ssl=true", "unknown option 'ssl'; for TLS use rediss://"),
+        (
+            "redis://127.0.0.1:6379/0?timeout=5",
+            "unknown option 'timeout'; redis:// URLs take client_name, db,",
+        ),
+        ("redis://127.0.0.1:6379/0?foo=1", "unknown option 'foo'"),
+        ("rediss://h/0?ssl=1", "unknown option 'ssl'; rediss:// is TLS already"),
+        ("unix:///tmp/r.sock?socket_keepalive=1", "unknown option 'socket_keepalive'"),
+        (
+            "redis://h/0?socket_timeout=inf",
+            "option 'socket_timeout' is a number of seconds above 0",
+        ),
+        (
+            "redis://h/0?socket_keepalive=off",
+            "option 'socket_keepalive' is 1, 0, true, false, yes, no or on",
+        ),
+        (
+            "redis://h/0?health_check_interval=-1",
+            "option 'health_check_interval' is a whole number",
+        ),
+        ("rediss://h/0?ssl_cert_reqs=NONE", "option 'ssl_cert_reqs' is none, optional or required"),
+        ("redis://h?db=", "option 'db' has no value"),
+        ("redis://h?db=1&db=2", "option 'db' is given twice"),
+        ("redis://h/1?db=2", "the db is given twice"),
+        ("redis://h:0/0", "the port is not a number from 1 to 65535"),
+        ("redis://h:70000/0", "the port is not a number from 1 to 65535"),
+        ("unix://", "a unix:// URL names the socket"),
+        ("unix://tmp/redis.sock", "a unix:// URL names no host"),
+        # Sentinel URLs: exact options, exact host lists.
+        (
+            "redis+sentinel://h1/svc?notls=1",
+            "unknown option 'notls'; redis+sentinel:// URLs take tls",
+        ),
+        ("redis+sentinel://h1/svc?ssl=1", "unknown option 'ssl'; for TLS (sentinels and master)"),
+        ("redis+sentinel://h1/svc?tls=maybe", "option 'tls' is 1, 0, true, false, yes, no or on"),
+        ("redis+sentinel://:26379/svc", "the sentinel is not host[:port]"),
+        ("redis+sentinel://h1,,h2/svc", "sentinel 2 of 3 is not host[:port]"),
+        ("redis+sentinel://h1:1,h2:0/svc", "the port of sentinel 2 of 2 is not a number"),
+        ("redis://h/0?protocol=3", "option 'protocol' is 2 (migrator reads RESP2 replies)"),
+        # An '@' in an option's value is no password's tail: the real fault is named.
+        (
+            "redis://h/0?username=a@corp&socket_timeout=0",
+            "option 'socket_timeout' is a number of seconds above 0",
+        ),
+    ],
+)
+def test_redis_url_options_and_forms_are_exact(url: str, needle: str) -> None:
+    with pytest.raises(PlanError) as e:
+        parse_plan(_with_url(url), env={})
+    assert f"redis.url: {url} is not a usable Redis URL: {needle}" in str(e.value)
+    assert e.value.exit_code == 2
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis://h/0?username=u&password=p&socket_timeout=2.5&socket_connect_timeout=1"
+        "&health_check_interval=0&socket_keepalive=yes",
+        "redis://h?db=3",
+        "rediss://h/0?ssl_cert_reqs=none&ssl_check_hostname=false&ssl_ca_certs=/etc/ca.pem"
+        "&ssl_ca_path=/etc/ca&ssl_certfile=/c.pem&ssl_keyfile=/k.pem",
+        "unix:///run/redis/redis.sock?db=2&socket_timeout=3",
+        # Taken before this check existed: jobs applied then may carry them.
+        "redis://h/0?client_name=app&max_connections=5&retry_on_timeout=on&protocol=2"
+        "&socket_keepalive=on",
+        "redis+sentinel://h1,h2:26380,[::1]:26381/svc/2?tls=true",
+    ],
+)
+def test_supported_redis_url_options_pass(url: str) -> None:
+    assert check_redis_url(url) is None
+    assert parse_plan(_with_url(url), env={}).redis.url == url
+
+
+def test_sentinel_url_hosts_and_tls() -> None:
+    s = parse_sentinel_url("redis+sentinel://h1,h2:26380,[::1]:26381/svc/2?tls=true")
+    assert s.hosts == [("h1", 26379), ("h2", 26380), ("::1", 26381)]
+    assert (s.service, s.db, s.tls) == ("svc", 2, True)
+    assert parse_sentinel_url("redis+sentinel://h1/svc?tls=1").tls
+    assert not parse_sentinel_url("redis+sentinel://h1/svc?tls=no").tls
+    assert not parse_sentinel_url("redis+sentinel://h1/svc").tls
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis://u:zq1?xw9@host:6379/0",  # urllib would say "...as 'u:zq1'"
+        "redis://u:zq1/xw9@host:6379/0",
+        "redis://:zq1?xw9@host/0",  # the password's tail would be read as an option name
+        "redis://:123/xw9@host/0",  # ... or as the db
+        "redis+sentinel://u:zq1/xw9@h1/svc",  # the sentinel host would be "u:zq1"
+        "redis+sentinel://u:zq1?xw9@h1/svc",
+    ],
+)
+def test_url_messages_never_echo_the_password(url: str) -> None:
+    with pytest.raises(PlanError) as e:
+        parse_plan(_with_url(url), env={})
+    message = str(e.value)
+    assert "zq1" not in message and "xw9" not in message and "123" not in message, message
+    assert "must be percent-encoded (%2F, %3F, %23, %40)" in message
+
+
+@pytest.mark.parametrize(
+    ("text", "needle"),
+    [
+        (
+            BASE.replace("name: a", "name: 2025-02-30"),
+            "not valid YAML at line 1, column 7: 2025-02-30 reads as a date but is not one "
+            "(day is out of range for month); quote it if it is text",
+        ),
+        (
+            BASE.replace("name: a", "name: 2025-01-15"),
+            "name: YAML reads this unquoted value as a date (2025-01-15), not text: put it in "
+            "quotes",
+        ),
+        (
+            BASE.replace("key: k", "key: 12345"),
+            "source.key: YAML reads this unquoted value as a number (12345), not text",
+        ),
+        (
+            BASE.replace("key: k", "key: yes"),
+            "source.key: YAML reads this unquoted value as a boolean (true), not text",
+        ),
+        (BASE.replace("key: k", "key: !!int abc"), "cannot read 'abc' as int"),
+        ("[" * 5000 + "]" * 5000, "nested too deeply"),
+    ],
+)
+def test_yaml_values_that_are_not_text_are_plan_errors(text: str, needle: str) -> None:
+    with pytest.raises(PlanError) as e:
+        parse_plan(text, env={})
+    assert needle in str(e.value)
+    assert e.value.exit_code == 2
+
+
+def test_quoted_date_and_number_are_text() -> None:
+    p = parse_plan(BASE.replace("name: a", "name: '2025-01-15'").replace("key: k", 'key: "12345"'))
+    assert (p.name, p.source.key) == ("2025-01-15", "12345")
+
+
+def test_a_plan_file_that_is_not_utf8_is_a_plan_error(tmp_path: Path) -> None:
+    plan = tmp_path / "plan.yaml"
+    plan.write_bytes(BASE.replace("key: k", "key: caf\xe9").encode("latin-1"))
+    with pytest.raises(PlanError) as e:
+        load_plan(plan, env={})
+    assert str(e.value) == (
+        f"{plan}: a plan file is UTF-8 text, and this one is not (byte 0xe9 at offset 25)"
+    )
