@@ -41,7 +41,8 @@ from migrator.errors import (
 )
 from migrator.phases import Phase
 from migrator.runner import Runner
-from migrator.store import Job, Store, open_store
+from migrator.store import Job, Store, open_existing_store, state_exists
+from migrator.store import state_url as resolve_state_url
 from migrator.urls import mask_url
 
 log = logging.getLogger("migrator.run")
@@ -100,7 +101,9 @@ class JobScheduler:
         barrier_timeout: float = 60.0,
         max_backoff: float = 300.0,
     ) -> None:
-        self.store = open_store(state_url)
+        # A store that does not exist is a mistyped --state (or no plan applied yet): refused
+        # (JobNotFound, exit 2) rather than created empty and watched for nothing (run()).
+        self.store = open_existing_store(state_url)
         self.interval = interval
         self.grace = grace
         self.barrier_timeout = barrier_timeout
@@ -265,7 +268,20 @@ def run(
     once: bool = False,
 ) -> list[str]:
     """``migrator run``: until ``stop`` is set (or, with ``once``, until what is due is done).
-    Returns the jobs whose work failed in a ``once`` run."""
+    Returns the jobs whose work failed in a ``once`` run.
+
+    A store that does not exist is not created: ``once`` refuses it (exit 2: a mistyped
+    ``--state``, or nothing applied yet); the daemon says so once and waits for the first
+    ``plan apply`` to make it, so a service started before any plan does not exit in a loop."""
+    url = resolve_state_url(state_url)
+    if not once and not state_exists(url):
+        log.warning(
+            "migrator run: no state store at %s yet (no plan applied there); waiting for one",
+            mask_url(url),
+        )
+        while not state_exists(url):
+            if stop.wait(max(interval, 2.0)):
+                return []
     scheduler = JobScheduler(
         state_url, interval=interval, grace=grace, barrier_timeout=barrier_timeout
     )

@@ -161,3 +161,33 @@ def test_a_scheduled_cleanup_waits_for_unrepaired_differences_without_spinning(
     assert code == 0, err
     refusals = err.count("confirmed differences nobody repaired")
     assert 1 <= refusals <= 4, err  # not once a tick
+
+
+def test_run_started_before_any_plan_waits_for_the_store_and_then_works_it(
+    redis_server: RedisServer, r: redis.Redis, tmp_path: Path
+) -> None:
+    """A service started before the first plan apply: `migrator run` creates no store (a
+    mistyped --state would otherwise be watched, empty, for ever) and does not exit in a loop
+    either; it says it is waiting, and works the jobs once a plan apply made the store."""
+    state_url = f"sqlite:///{tmp_path}/later/state.db"
+    env = cli_env(state_url)
+    runner = migrator_popen("run", "--interval", "0.3", env=env)
+    try:
+        time.sleep(1.5)
+        assert runner.poll() is None, "migrator run exited without a store"
+        assert not (tmp_path / "later" / "state.db").exists()
+        seed_hash(r, SOURCE, 2000)
+        plan = write_plan(
+            tmp_path / "p.yaml",
+            redis_server.url,
+            source=SOURCE,
+            shards=8,
+            extra="cleanup: {after: 1s}\n",
+        )
+        commands.apply(str(plan), state_url=state_url, allow_no_instances=True)
+        commands.set_ratio(100, name=JOB, state_url=state_url)
+        eventually(lambda: job_state(state_url)["phase"] == "done", 30, "run cleaned it up")
+    finally:
+        code, err = _terminate(runner)
+    assert code == 0, err
+    assert "no state store at" in err and "waiting for one" in err, err
