@@ -70,12 +70,26 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _pid_namespace() -> str | None:
+    """This process's PID namespace (Linux: ``pid:[4026531836]``), else None. Containers on
+    one host can share its host name (host networking) but not their pids: a pid is only
+    this host's to look up within the same namespace."""
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return None
+
+
+_PIDNS = _pid_namespace()
+
+
 def _local_pid(raw: bytes | str, *, alive: bool = True) -> int | None:
-    """The holder's pid if it runs on this host and is (``alive``) or is not alive."""
+    """The holder's pid if it runs on this host, in this PID namespace (a holder from before
+    namespaces were recorded: on this host), and is (``alive``) or is not alive."""
     try:
         h = json.loads(raw)
         pid = int(h["pid"])
-        if h["host"] != socket.gethostname():
+        if h["host"] != socket.gethostname() or h.get("pidns", _PIDNS) != _PIDNS:
             return None
     except (ValueError, KeyError, TypeError):
         return None
@@ -119,6 +133,7 @@ class Lease:
                 "purpose": purpose,
                 "host": socket.gethostname(),
                 "pid": os.getpid(),
+                "pidns": _PIDNS,
                 "token": secrets.token_hex(8),
                 "since": round(time.time(), 3),
             },

@@ -3,7 +3,9 @@ and the lease that keeps one runner per job, on real servers."""
 
 from __future__ import annotations
 
+import json
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -175,3 +177,26 @@ def test_a_holder_cut_off_from_redis_says_so_and_lets_go_without_waiting(
         started = time.monotonic()
         lease.release()
         assert time.monotonic() - started < 1.0
+
+
+def test_a_holder_in_another_pid_namespace_is_never_taken_for_dead(r: redis.Redis) -> None:
+    """Two containers with host networking share a host name, not their pids: a holder whose
+    pid this process cannot see may be alive in its own namespace, so its lease is waited for
+    (it expires within the TTL if it is dead), never taken over at once."""
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # a pid nobody has here
+    holder = {
+        "purpose": "apply",
+        "host": socket.gethostname(),
+        "pid": gone.pid,
+        "pidns": "pid:[1]",
+        "token": "t",
+        "since": 0,
+    }
+    r.set(keys.lock("t-job"), json.dumps(holder), px=5000)
+    with pytest.raises(JobBusy):
+        Lease(r, "t-job", purpose="apply").acquire(wait=0.3, preempting=True)
+    # The same holder in this namespace is dead for sure: taken over at once.
+    holder["pidns"] = os.readlink("/proc/self/ns/pid")
+    r.set(keys.lock("t-job"), json.dumps(holder), px=5000)
+    Lease(r, "t-job", purpose="apply").acquire(wait=0.3).release()
