@@ -57,6 +57,17 @@ class SourceSpec(_Strict):
     key: str = Field(min_length=1)
     type: Literal["hash", "set", "zset"] | None = None
 
+    @field_validator("type")
+    @classmethod
+    def _supported(cls, v: str | None) -> str | None:
+        # In the plan format (SPEC), refused here rather than by plan apply's preflight only:
+        # `plan validate` must not call valid a plan that apply refuses.
+        if v in ("set", "zset"):
+            raise ValueError(
+                f"{v} sources are in the plan format, but this release migrates hashes only"
+            )
+        return v
+
 
 class TargetSpec(_Strict):
     key: str

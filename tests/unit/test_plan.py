@@ -279,3 +279,12 @@ def test_a_plan_file_that_is_not_utf8_is_a_plan_error(tmp_path: Path) -> None:
     assert str(e.value) == (
         f"{plan}: a plan file is UTF-8 text, and this one is not (byte 0xe9 at offset 25)"
     )
+
+
+@pytest.mark.parametrize("kind", ["set", "zset"])
+def test_a_set_or_zset_source_is_refused_by_validation_not_only_by_apply(kind: str) -> None:
+    text = BASE.replace("source: {key: k}", f"source: {{key: k, type: {kind}}}")
+    with pytest.raises(PlanError) as e:
+        parse_plan(text, env={})
+    assert f"source.type: {kind} sources are in the plan format" in str(e.value)
+    assert e.value.exit_code == 2
