@@ -292,14 +292,45 @@ def open_store(url: str | None = None) -> Store:
         # Alembic's command API keeps module-global state: one upgrade at a time per process;
         # and one at a time per store, or two commands started together on a new store both
         # create its tables and the second fails.
-        with _UPGRADE_LOCK, _file_lock(url), engine.begin() as conn:
-            if conn.dialect.name == "postgresql":  # held to the commit
-                conn.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": _PG_LOCK_KEY})
-            if _current(conn) != _head():
-                from alembic import command
+        with _UPGRADE_LOCK, _file_lock(url):
+            upgrader = _upgrade_engine(url, engine)
+            try:
+                with upgrader.begin() as conn:
+                    if conn.dialect.name == "postgresql":  # held to the commit
+                        conn.execute(
+                            sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": _PG_LOCK_KEY}
+                        )
+                    if _current(conn) != _head():
+                        from alembic import command
 
-                command.upgrade(_alembic_config(conn), "head")
+                        command.upgrade(_alembic_config(conn), "head")
+            finally:
+                if upgrader is not engine:
+                    upgrader.dispose()
     return Store(engine, url)
+
+
+def _upgrade_engine(url: str, engine: Engine) -> Engine:
+    """The engine a schema upgrade runs on: one transaction around all of it, so a crash
+    midway leaves the store as it was. PostgreSQL's DDL is transactional as it comes; SQLite's
+    is too, but Python's sqlite3 driver opens a transaction only before INSERT, UPDATE and
+    DELETE, so each CREATE TABLE would commit by itself and a crash leave half a schema that
+    no later upgrade could finish. On SQLite the upgrade's engine leaves transactions to
+    SQLAlchemy (SQLAlchemy's pysqlite notes, "Serializable isolation / Savepoints /
+    Transactional DDL"); the store's own engine keeps the driver's, for every other command."""
+    if engine.dialect.name != "sqlite":
+        return engine
+    upgrader = _engine(url)
+
+    @sa.event.listens_for(upgrader, "connect")
+    def _driver_leaves_transactions(dbapi_conn: Any, _: Any) -> None:
+        dbapi_conn.isolation_level = None
+
+    @sa.event.listens_for(upgrader, "begin")
+    def _begin(conn: Connection) -> None:
+        conn.exec_driver_sql("BEGIN")
+
+    return upgrader
 
 
 def open_existing_store(url: str | None = None, *, job: str | None = None) -> Store:

@@ -186,3 +186,34 @@ def test_a_job_registered_twice_at_once_is_busy_not_a_traceback(backend_url: str
     finally:
         one.close()
         two.close()
+
+
+_DIES_MID_UPGRADE = """
+import os, sys
+import sqlalchemy as sa
+from migrator.store import open_store
+
+made = []
+
+@sa.event.listens_for(sa.engine.Engine, "after_cursor_execute")
+def die(conn, cursor, statement, *args):
+    if statement.lstrip().upper().startswith("CREATE TABLE"):
+        made.append(statement)
+        if len(made) == 3:  # alembic_version and two of the store's tables are made
+            os._exit(9)
+
+open_store(sys.argv[1])
+"""
+
+
+def test_a_process_killed_mid_upgrade_leaves_the_store_as_it_was(backend_url: str) -> None:
+    """A crash while the schema is being made (the first `plan apply` interrupted) must not
+    leave half of it, which no later upgrade could finish ("table already exists")."""
+    died = subprocess.run([sys.executable, "-c", _DIES_MID_UPGRADE, backend_url], check=False)
+    assert died.returncode == 9
+    assert not state_exists(backend_url)  # nothing was made
+    store = open_store(backend_url)
+    try:
+        assert store.create_job(PLAN, allow_no_instances=True).name == "s-job"
+    finally:
+        store.close()
