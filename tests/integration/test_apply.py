@@ -238,7 +238,9 @@ def test_status_shows_a_verify_run_after_verifying_and_its_interruption(
         deadline, st = time.monotonic() + 30, None
         while time.monotonic() < deadline:
             [st] = commands.status(state_url, "t-job")
-            if st["stage"] == "verify" and (st["stage_done"] or 0) > 0 and st["runner"]:
+            # The first progress saved may precede the first rate measured: wait for both.
+            working = st["stage"] == "verify" and (st["stage_done"] or 0) > 0 and st["runner"]
+            if working and st["rate"] > 0:
                 break
             time.sleep(0.1)
         assert st is not None and st["phase"] == "gray" and st["stage"] == "verify", st
