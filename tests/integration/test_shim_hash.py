@@ -189,6 +189,26 @@ def test_hincrby_in_dual_write_sets_the_shard_to_the_full_source_value(
     assert r.hget(shard_key("count"), "count") == b"16"
 
 
+@pytest.mark.parametrize(
+    ("phase", "ratio"), [(P.DUAL_WRITE, 0), (P.CUTOVER, 100), (P.CLEANING, 100)]
+)
+def test_hincrby_past_2_to_the_53_is_exact_on_both_sides(
+    r: redis.Redis, attach: Attach, phase: Phase, ratio: int
+) -> None:
+    """Nanosecond timestamps and Snowflake ids are integers past 2^53, where a Lua number (a
+    double) rounds: both sides, and the reply, carry the exact value, as plain HINCRBY's."""
+    big = 1_700_000_000_000_000_000
+    r.hset(SOURCE, "ts", big)
+    r.hset(shard_key("ts"), "ts", big)
+    control.publish(r, record(phase, ratio=ratio))  # cleaning: mirroring, shards first
+    users = attach()
+    assert users.hincrby("ts", 1) == big + 1
+    assert users.hincrby("ts", 2**62) == big + 1 + 2**62
+    want = str(big + 1 + 2**62).encode()
+    assert r.hget(SOURCE, "ts") == want and r.hget(shard_key("ts"), "ts") == want
+    assert users.hget("ts") == want
+
+
 @pytest.mark.parametrize("phase", [P.CLEANING, P.DONE])
 def test_after_cleaning_writes_go_to_the_shards_only(
     r: redis.Redis, attach: Attach, phase: Phase

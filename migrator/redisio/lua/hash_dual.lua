@@ -48,7 +48,10 @@ elseif op == 'hdel_mark' then
     end
   end
 elseif op == 'hincrby' then
-  result = redis.call('HINCRBY', first, ARGV[2], ARGV[3])
+  -- The value as the server holds it, not HINCRBY's reply: that becomes a Lua number, a
+  -- double, exact only below 2^53 (a nanosecond timestamp, a Snowflake id would be rounded).
+  redis.call('HINCRBY', first, ARGV[2], ARGV[3])
+  result = redis.call('HGET', first, ARGV[2])
   redis.call('HSET', second, ARGV[2], result)
 elseif op == 'hincrbyfloat' then
   result = redis.call('HINCRBYFLOAT', first, ARGV[2], ARGV[3])
