@@ -97,6 +97,9 @@ class ControlWatcher:
         self.counters = Counters()
         self.tracker = EpochTracker(record)
         self._sync_lock = threading.Lock()
+        # One refresh at a time (the thread's, an inline one, a write's retry): a read whose
+        # reply came late must not be installed, or heartbeated, after a later one.
+        self._refresh_lock = threading.RLock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._joined = False
@@ -156,21 +159,23 @@ class ControlWatcher:
 
     def refresh(self) -> None:
         """One refresh: read + install the record, then heartbeat. Raises on Redis errors."""
-        t0 = time.monotonic()
-        self._read_and_install()
-        self._heartbeat(self.tracker.applied_epoch())
-        self._confirmed_at = max(self._confirmed_at, t0)
+        with self._refresh_lock:
+            t0 = time.monotonic()
+            self._read_and_install()
+            self._heartbeat(self.tracker.applied_epoch())
+            self._confirmed_at = max(self._confirmed_at, t0)
 
     # -- internals --------------------------------------------------------------------------
 
     def _sync(self) -> None:
         with self._sync_lock:
             if not self._joined:
-                t0 = time.monotonic()
-                self._heartbeat(0)
-                self._read_and_install()
-                self._heartbeat(self.tracker.applied_epoch())
-                self._confirmed_at = t0
+                with self._refresh_lock:
+                    t0 = time.monotonic()
+                    self._heartbeat(0)
+                    self._read_and_install()
+                    self._heartbeat(self.tracker.applied_epoch())
+                    self._confirmed_at = t0
                 self._joined = True
                 self._start_thread()
             elif time.monotonic() - self._confirmed_at > STALE_AFTER_S:
@@ -195,6 +200,10 @@ class ControlWatcher:
                     log.debug("migrator shim %s: counter flush failed", self.job, exc_info=True)
 
     def _tick(self) -> None:
+        with self._refresh_lock:
+            self._tick_once()
+
+    def _tick_once(self) -> None:
         t0 = time.monotonic()
         ok = True
         # Read and heartbeat are tried independently: a heartbeat of a stale-but-applied epoch

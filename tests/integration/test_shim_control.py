@@ -247,3 +247,48 @@ def test_a_record_published_late_never_replaces_a_later_epoch(r: redis.Redis) ->
     assert control.publish(r, record(Phase.ROLLED_BACK, epoch=9))
     now = control.read(r, JOB)
     assert now is not None and (now.phase, now.epoch) == (Phase.ROLLED_BACK, 9)
+
+
+def test_a_refresh_whose_reply_came_late_never_undoes_a_later_one(
+    r: redis.Redis, attach: Attach, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The refresh thread reads epoch 1 and stalls (a late reply, a starved thread); a call
+    meanwhile refreshes inline, installs epoch 2 (dual_write) and acknowledges it, so the
+    runner starts the copy. The stalled read must not then put the instance back on planned
+    routing (old key only, unfenced) or its heartbeat back on epoch 1."""
+    control.publish(r, record(P.PLANNED, epoch=1))
+    users = attach(refresh_interval=0.2)
+    real_read = control.read
+    stall = threading.Event()
+
+    def late_read(client: Any, job: str) -> Any:
+        rec = real_read(client, job)
+        if stall.is_set() and threading.current_thread().name.startswith("migrator-shim"):
+            stall.clear()
+            time.sleep(1.0)
+        return rec
+
+    monkeypatch.setattr("migrator.shim.watcher.control.read", late_read)
+    tracker = users._watcher.tracker
+    installed: list[int] = []
+    install = tracker.install
+
+    def logged(rec: Any) -> bool:
+        changed = install(rec)
+        if changed:
+            installed.append(rec.epoch)
+        return changed
+
+    monkeypatch.setattr(tracker, "install", logged)
+    stall.set()
+    eventually(lambda: not stall.is_set())  # the thread has read epoch 1 and stalls
+    control.publish(r, record(P.DUAL_WRITE, epoch=2))
+    users._watcher._confirmed_at -= 10  # its refresh is late: the next call refreshes inline
+    users.hlen()
+    assert users.record is not None and users.record.epoch == 2
+    assert acked_epoch(r, users.instance_id) == 2
+    time.sleep(1.2)  # the stalled refresh is over
+    assert installed == [2]  # epoch 1 was never installed again, not even for a moment
+    assert users.record.epoch == 2 and acked_epoch(r, users.instance_id) == 2
+    users.hset("m", "v")
+    assert r.hget(SOURCE, "m") == b"v" and r.hget(shard_key("m"), "m") == b"v"
