@@ -94,7 +94,13 @@ def apply(
     try:
         fresh = existing is None or existing.phase == Phase.ROLLED_BACK
         report = (
-            preflight(client, plan, allow_no_instances=allow_no_instances, force=force)
+            preflight(
+                client,
+                plan,
+                allow_no_instances=allow_no_instances,
+                force=force,
+                own_epoch=existing.epoch if existing else None,
+            )
             if fresh
             else None
         )

@@ -675,6 +675,8 @@ class Runner:
         and gives up the lease this then waits for.
         """
         job = self.refresh()
+        if job.phase == P.ROLLED_BACK:
+            return self._republish_finished("rollback")
         if job.phase in BEFORE_CLEANING:
             self.move(P.ROLLING_BACK, ratio=0, detail="rollback")
         elif job.phase != P.ROLLING_BACK:
@@ -688,6 +690,16 @@ class Runner:
             self._guard(lambda: self._remove_keys("rollback", self.shard_keys), "rollback")
             return self.move(P.ROLLED_BACK, detail="shard keys removed", expect=P.ROLLING_BACK)
 
+    def _republish_finished(self, purpose: str) -> Job:
+        """The job is finished (rolled_back, done): running its last verb again publishes its
+        record once more and succeeds. The move's store write may have landed and its publish
+        not (a Redis error, a crash between the two), which left shims on the last phase but
+        one and a re-apply refused; "the same command again" is the way on, as for any
+        interrupted step."""
+        with self.leased(purpose):
+            self.publish()
+        return self.job
+
     # -- cleanup ----------------------------------------------------------------------------
     def cleanup(self, *, detail: str = "cleanup", force: bool = False) -> Job:
         """From cutover: shims stop writing the old key (barrier), then the old key goes.
@@ -696,6 +708,8 @@ class Runner:
         repaired (``force`` removes the old key anyway, audited): after cleanup the shards
         are all there is."""
         job = self.refresh()
+        if job.phase == P.DONE:
+            return self._republish_finished("cleanup")
         if job.phase == P.CUTOVER:
             swept = self.store.get_checkpoint(self.job, "verify")
             if swept is None or not swept.finished:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from pathlib import Path
 from typing import Any
@@ -9,9 +10,10 @@ from typing import Any
 import pytest
 import redis
 
-from migrator import commands
+from migrator import commands, control, keys
 from migrator.errors import MigratorError
 from migrator.gates import MemoryGate, state_dir
+from migrator.phases import Phase
 from tests.conftest import run_cli
 from tests.integration.helpers import read_hash, seed_hash, write_plan
 from tests.integration.life import (
@@ -134,10 +136,44 @@ def test_rollback_is_refused_once_cleanup_started_and_reapply_works_after_it(
     assert job_state(state_url)["phase"] == "verified"
     commands.set_ratio(100, name=JOB, state_url=state_url)
     commands.cleanup(JOB, state_url=state_url)
+    # Cleanup again on a done job publishes its record once more (a lost last publish) and
+    # succeeds, as running any interrupted step again does.
+    assert run_cli("cleanup", JOB, env=env).returncode == 0
     res = run_cli("rollback", JOB, env=env)
     assert res.returncode == 2
     assert "only before cleanup" in res.stderr
     assert job_state(state_url)["phase"] == "done"
+
+
+def _lose_the_last_publish(r: redis.Redis, before: control.ControlRecord) -> None:
+    """As if the last move's store write had landed and its publish had not (a Redis error, a
+    crash between the two): Redis still holds the record published before it."""
+    r.delete(keys.control(JOB))
+    r.hset(keys.control(JOB), mapping=before.to_hash())
+
+
+def test_a_rollback_whose_last_publish_was_lost_is_finished_by_running_it_again(
+    redis_server: RedisServer, r: redis.Redis, tmp_path: Path, state_url: str
+) -> None:
+    """The store says rolled_back, Redis still says rolling_back: `rollback` again publishes
+    the record and succeeds (it used to refuse, exit 2), and a re-apply is not taken for
+    another store's job (it used to be refused too, and the name stuck for good)."""
+    seed_hash(r, SOURCE, 2000)
+    plan = write_plan(tmp_path / "p.yaml", redis_server.url, shards=4)
+    env = cli_env(state_url)
+    commands.apply(str(plan), state_url=state_url, allow_no_instances=True)
+    assert run_cli("rollback", JOB, env=env).returncode == 0
+    done = control.read(r, JOB)
+    assert done is not None and done.phase == Phase.ROLLED_BACK
+    rolling = dataclasses.replace(done, phase=Phase.ROLLING_BACK, epoch=done.epoch - 1)
+    _lose_the_last_publish(r, rolling)
+    res = run_cli("rollback", JOB, env=env)
+    assert res.returncode == 0, res.stderr
+    assert control.read(r, JOB) == done
+    _lose_the_last_publish(r, rolling)
+    res = run_cli("plan", "apply", str(plan), "--allow-no-instances", env=env)
+    assert res.returncode == 0, res.stderr
+    assert job_state(state_url)["phase"] == "verified"
 
 
 def test_a_paused_job_still_rolls_back_and_a_reapply_audits_its_flag(
