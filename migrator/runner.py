@@ -665,7 +665,7 @@ class Runner:
             self.job = self.store.set_ratio(self.name, ratio, expect=job.phase, detail=detail)
             self.publish()
             return self.job
-        return self.move(target, ratio=ratio, detail=detail)
+        return self.move(target, ratio=ratio, detail=detail, expect=job.phase)
 
     # -- rollback ---------------------------------------------------------------------------
     def rollback(self) -> Job:

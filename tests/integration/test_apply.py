@@ -256,3 +256,36 @@ def test_status_shows_a_verify_run_after_verifying_and_its_interruption(
     assert commands.rollback("t-job", state_url=state_url).phase == "rolled_back"
     [st] = commands.status(state_url, "t-job")
     assert not st["interrupted"] and st["stage"] is None and st["stage_done"] is None
+
+
+def test_set_ratio_never_moves_past_a_verify_that_found_differences_meanwhile(
+    redis_server: RedisServer, r: redis.Redis, tmp_path: Path, state_url: str
+) -> None:
+    """`set-ratio 100` (no --force) reads verified; before it writes, a `migrator verify` that
+    found differences moves the job back to verifying. The ratio change must not then move it
+    on from verifying, the way only --force may."""
+    from migrator.errors import IllegalTransition
+    from migrator.phases import Phase
+    from migrator.runner import Runner
+
+    seed_hash(r, "big:hash", 2_000)
+    plan = write_plan(tmp_path / "p.yaml", redis_server.url)
+    commands.apply(str(plan), state_url=state_url, allow_no_instances=True)
+    store, other = open_store(state_url), open_store(state_url)
+    runner = Runner(store, "t-job")
+    read = runner.refresh
+
+    def read_then_verify_moves_it_back() -> Any:
+        job = read()
+        other.transition("t-job", Phase.VERIFYING, detail="verify found differences")
+        return job
+
+    runner.refresh = read_then_verify_moves_it_back  # type: ignore[method-assign]
+    try:
+        with pytest.raises(IllegalTransition):
+            runner.set_ratio(100)
+        assert other.get_job("t-job").phase == Phase.VERIFYING
+    finally:
+        runner.close()
+        store.close()
+        other.close()
