@@ -539,9 +539,11 @@ class Runner:
         for _ in range(max(0, rounds - 1)):
             if not self.store.count_diffs(self.job, run, status="suspect"):
                 break
-            self.pacer().check_stop()
-            time.sleep(delay)
-            self._recheck(verifier, run, "suspect")
+            self._still_working()  # a rollback meanwhile: no round more
+            pacer = self.pacer()
+            pacer.check_stop()
+            self.stop.wait(delay)  # a stop request ends the wait
+            self._recheck(verifier, run, "suspect", pacer)
         # A rollback meanwhile stopped the dual writes: what the rounds saw since is no
         # difference to confirm, and the run stops as its scan would have.
         self._still_working()
@@ -564,7 +566,9 @@ class Runner:
         )
         return report
 
-    def _recheck(self, verifier: HashVerifier, run: int, status: str) -> None:
+    def _recheck(self, verifier: HashVerifier, run: int, status: str, pacer: Pacer) -> None:
+        """One round of re-checks, paced as the passes are: pause, set-rate, the gates, a stop
+        and a rollback act between its batches, not after the round."""
         from migrator.store import iter_all
 
         batch: list[Any] = []
@@ -572,6 +576,7 @@ class Runner:
         sizer = BatchSizer(self.plan.copy_.batch, self.budget_us, start=16)
 
         def flush() -> None:
+            pacer.before_batch()
             chunk = sizer.batch
             still, worst = verifier.recheck([(d.member, d.shard) for d in batch], chunk=chunk)
             sizer.observe(worst, min(chunk, len(batch)))
@@ -586,6 +591,7 @@ class Runner:
                     for d in batch
                 ]
             )
+            pacer.after_batch(len(batch))
             batch.clear()
 
         for d in iter_all(self.store, self.job, run, status=status):

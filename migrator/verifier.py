@@ -23,7 +23,7 @@ from migrator.redisio.scripts import Scripts, member_keys
 from migrator.routing import HASH_FUNCTIONS
 from migrator.scanloop import Step
 from migrator.stream import CommandStream, Sent
-from migrator.throttle import BatchSizer, Fence
+from migrator.throttle import BatchSizer, Fence, check_fence
 
 Found = tuple[bytes, str, int]  # (member, kind, shard)
 #: Turns a check script's reply into (its server time, the differences it found).
@@ -145,16 +145,15 @@ class HashVerifier:
     ) -> tuple[list[Found], float]:
         """The members (with the shard each was found in) that still differ, and worst time."""
         n, h = len(self.shard_keys), self._hash
-        pipe = self.client.pipeline(transaction=False)
-        shards_of: list[list[int]] = []  # per call: the shard of each KEYS index
+        still: list[Found] = []
+        worst = 0.0
         for i in range(0, len(members), chunk):
             named = [(m, h(m) % n, s) for m, s in members[i : i + chunk]]
             keys, args, shards = member_keys(self.source_key, self.shard_keys, named)
-            self.scripts.hash_check(keys, args, client=pipe)
-            shards_of.append(shards)
-        still: list[Found] = []
-        worst = 0.0
-        for (elapsed, diffs), shards in zip(pipe.execute(), shards_of, strict=True):
+            # One script a round trip, not a pipeline of them: the server runs a client's
+            # buffered commands back to back, which would hold it for several budgets at once.
+            check_fence(self.fence)  # it removes delete marks: a write
+            elapsed, diffs = self.scripts.hash_check(keys, args, client=self.client)
             worst = max(worst, float(elapsed))
             still += [(m, kind, shards[k]) for m, kind, k in _triples(diffs)]
         return still, worst

@@ -296,7 +296,7 @@ def test_repair_sizes_its_scripts_to_the_budget(
     redis_server: RedisServer, r: redis.Redis, tmp_path: Path, state_url: str
 ) -> None:
     """Repair scripts move whole values, so they are sized by the server time they report, as
-    the copy's packets are: under a budget none can meet (1 µs), after the first pipeline of
+    the copy's packets are: under a budget none can meet (1 µs), after the first few of
     them every repair script carries one member, and everything is repaired."""
     import hashlib
 
@@ -314,6 +314,8 @@ def test_repair_sizes_its_scripts_to_the_budget(
         "verified"
     )
     r.delete(*[TEMPLATE.replace("{shard}", str(i)) for i in range(SHARDS)])
+    for name in ("hash_sync", "hash_check"):  # no first EVALSHA refused NOSCRIPT, then re-sent
+        r.script_load(source(name))
     r.config_set("slowlog-log-slower-than", 0)
     r.config_set("slowlog-max-len", 100_000)
     r.slowlog_reset()
@@ -359,6 +361,7 @@ def test_repair_and_recheck_scripts_name_only_the_shard_keys_they_touch(r: redis
     )
 
     r.client_setname("migrator:t")
+    scripts.load("hash_sync")  # no first EVALSHA refused NOSCRIPT, then re-sent
     r.config_set("slowlog-log-slower-than", 0)
     r.config_set("slowlog-max-len", 1000)
     r.slowlog_reset()
@@ -372,3 +375,50 @@ def test_repair_and_recheck_scripts_name_only_the_shard_keys_they_touch(r: redis
     sent = [s for s in runner_sent(r, 1000, b"migrator:t") if s.command.startswith(b"EVALSHA")]
     assert len(sent) == 1 + 2 + 3  # the syncs (1 member, then 19 by 10), the re-checks by 7
     assert all(int(s.command.split()[2]) <= 1 + 10 + 1 for s in sent)  # numkeys
+
+
+def test_verify_rounds_hold_on_pause_and_give_way_to_a_rollback(
+    redis_server: RedisServer, r: redis.Redis, tmp_path: Path, state_url: str
+) -> None:
+    """The re-check rounds are paced as the passes are: a pause holds them, and a rollback
+    stops them at once (it used to wait for every round, past the rollback's lease wait)."""
+    model = _applied(redis_server, r, tmp_path, state_url, 3000)
+    pipe = r.pipeline(transaction=False)
+    for m in list(model)[:2000]:
+        pipe.hset(shard_key(m), m, "changed outside the shim")
+    pipe.execute()
+    outcome: list[BaseException | None] = []
+
+    def verify() -> None:
+        try:
+            commands.verify(JOB, state_url=state_url, rounds=10, delay=1.0)
+            outcome.append(None)
+        except BaseException as e:
+            outcome.append(e)
+
+    t = threading.Thread(target=verify, daemon=True)
+    t.start()
+    store = open_store(state_url)
+    try:
+        job = store.get_job(JOB)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            run = store.last_verify_run(job)
+            if run and sum(store.count_diffs(job, run, status="suspect").values()) >= 2000:
+                break
+            time.sleep(0.05)
+    finally:
+        store.close()
+    commands.pause(JOB, state_url=state_url)
+    time.sleep(0.5)  # the batch under way ends
+
+    def scripts_run() -> int:
+        return int(r.info("commandstats").get("cmdstat_evalsha", {}).get("calls", 0))
+
+    before = scripts_run()
+    time.sleep(2)
+    assert scripts_run() == before and t.is_alive()  # held: no re-check sent meanwhile
+    # Before, the rounds went on, and the rollback gave up waiting for their lease (exit 1).
+    assert commands.rollback(JOB, state_url=state_url).phase == "rolled_back"
+    t.join(10)
+    assert isinstance(outcome[0], Interrupted), outcome
