@@ -52,6 +52,20 @@ P = Phase
 BATCH_RETRY_S = 30.0
 
 
+def clean_verify_run(store: Store, job: Job) -> int | None:
+    """The job's last verify run if it finished and confirmed no difference left unrepaired:
+    a job in ``verifying`` with one only missed its move to ``verified``."""
+    cp = store.get_checkpoint(job, "verify")
+    if cp is None or not cp.finished or "run" not in cp.extra:
+        return None
+    run = int(cp.extra["run"])
+    if run != store.last_verify_run(job) or any(
+        store.count_diffs(job, run, status="confirmed").values()
+    ):
+        return None
+    return run
+
+
 @dataclass
 class VerifyReport:
     run: int
@@ -391,6 +405,9 @@ class Runner:
                     with self.working(P.COPYING):
                         self._guard(self.copy, "copy")
                     self.move(P.VERIFYING, expect=phase)
+                elif phase == P.VERIFYING and (run := clean_verify_run(self.store, self.job)):
+                    # Its move was lost (a crash between the two): no second run of hours.
+                    self.move(P.VERIFIED, detail=f"verify run {run} clean", expect=phase)
                 elif phase == P.VERIFYING:
                     with self.working(P.VERIFYING):
                         report = self._guard(lambda: self.verify(), "verify")

@@ -40,7 +40,7 @@ from migrator.errors import (
     VerificationFailed,
 )
 from migrator.phases import Phase
-from migrator.runner import Runner
+from migrator.runner import Runner, clean_verify_run
 from migrator.store import Job, Store, open_existing_store, state_exists
 from migrator.store import state_url as resolve_state_url
 from migrator.urls import mask_url
@@ -77,7 +77,9 @@ def due(store: Store, job: Job, now: datetime, *, grace: float) -> Due | None:
         cp = store.get_checkpoint(job, "verify")
         if cp is None or not cp.finished:
             return Due("apply", "resume interrupted verification")
-        return None
+        if clean_verify_run(store, job):
+            return Due("apply", "a clean verification missed its move to verified")
+        return None  # it found differences: the operator's to look at
     if job.phase == P.ROLLING_BACK:
         return Due("rollback", "resume interrupted rollback")
     if job.phase == P.CLEANING:

@@ -422,3 +422,33 @@ def test_verify_rounds_hold_on_pause_and_give_way_to_a_rollback(
     assert commands.rollback(JOB, state_url=state_url).phase == "rolled_back"
     t.join(10)
     assert isinstance(outcome[0], Interrupted), outcome
+
+
+def test_a_clean_verify_whose_move_was_lost_is_not_run_again(
+    redis_server: RedisServer, r: redis.Redis, tmp_path: Path, state_url: str
+) -> None:
+    """A crash between a clean verify run and the move to verified leaves the job verifying
+    with a finished, clean run: `migrator run` finishes it, and plan apply moves it on,
+    neither with a second run (on a big key, hours)."""
+    from datetime import timedelta
+
+    from migrator.phases import Phase
+    from migrator.scheduler import due
+
+    _applied(redis_server, r, tmp_path, state_url, 2000)
+    store = open_store(state_url)
+    try:
+        job = store.transition(JOB, Phase.VERIFYING, detail="as if the move was lost")
+        d = due(store, job, job.phase_changed_at + timedelta(seconds=10), grace=3)
+        assert d is not None and d.work == "apply"
+    finally:
+        store.close()
+    res = run_cli("plan", "apply", str(tmp_path / "p.yaml"), env=cli_env(state_url))
+    assert res.returncode == 0, res.stderr
+    state = job_state(state_url)
+    assert state["phase"] == "verified"
+    store = open_store(state_url)
+    try:
+        assert store.last_verify_run(store.get_job(JOB)) == 1  # no second run
+    finally:
+        store.close()
