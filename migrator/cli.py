@@ -221,9 +221,16 @@ def _fmt_status(s: dict[str, Any]) -> str:
     if s["copy_insert"]:
         lines.append(f"  copy inserts: {s['copy_insert']}")
     if s["stage"] and s.get("interrupted"):
+        # `migrator run` resumes plan apply's work, rollbacks and cleanups; a verify started
+        # once the job was verified is the operator's own to run again.
+        again = (
+            f"`migrator verify {s['name']}` again"
+            if s["stage"] == "verify" and s["phase"] != "verifying"
+            else "the same command again, or `migrator run`,"
+        )
         lines.append(
             f"  interrupted: {s['stage']} stopped at {s['stage_done']:,} members and no runner "
-            "holds the job (run the same command again, or `migrator run`, to go on)"
+            f"holds the job (run {again} to go on)"
         )
     elif s["stage"]:
         eta = f", ETA {s['eta_seconds']:.0f}s" if s["eta_seconds"] is not None else ""

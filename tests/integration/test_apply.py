@@ -252,6 +252,9 @@ def test_status_shows_a_verify_run_after_verifying_and_its_interruption(
             proc.kill()
     [st] = commands.status(state_url, "t-job")
     assert st["interrupted"] and st["stage"] == "verify" and st["runner"] is None
+    # `migrator run` does not resume a verify begun after verifying: the line says what does.
+    shown = run_cli("status", "--state", state_url).stdout
+    assert "(run `migrator verify t-job` again to go on)" in shown, shown
     # Rolled back, the unfinished verify is nobody's work to resume: not shown as interrupted.
     assert commands.rollback("t-job", state_url=state_url).phase == "rolled_back"
     [st] = commands.status(state_url, "t-job")
