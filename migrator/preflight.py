@@ -7,11 +7,11 @@ from typing import cast
 
 import redis
 
-from migrator import control, memory
+from migrator import control, keys, memory
 from migrator.errors import PreflightError
 from migrator.phases import TERMINAL
 from migrator.plan import Plan
-from migrator.redisio import keys_exist
+from migrator.redisio import keys_exist, supports_unlink
 
 
 @dataclass(frozen=True)
@@ -142,6 +142,14 @@ def preflight(
             hint="deploy the app with ShardRouter.attach(client, "
             f"{plan.name!r}) first, or pass --allow-no-instances if no application writes "
             f"{plan.source.key!r} meanwhile",
+        )
+    if plan.cleanup.mode == "unlink" and not supports_unlink(
+        client, keys.probe(plan.name, "unlink")
+    ):
+        raise PreflightError(
+            "cleanup.mode is unlink, but this server has no UNLINK for this user (renamed "
+            "away, or denied by its ACL)",
+            hint="use cleanup.mode: hdel (HSCAN+HDEL in budgeted batches) or auto",
         )
     room = check_memory(client, plan, force=force)
     members = cast(int, client.hlen(plan.source.key))

@@ -850,11 +850,24 @@ class Runner:
         return cp is not None and cp.finished
 
     def removal_mode(self) -> str:
+        """``hdel`` as the plan says; else UNLINK where the server has it. A plan's ``unlink``
+        was checked at apply; a server that lost UNLINK since (a failover to one with renamed
+        commands, an ACL change) falls back to HSCAN+HDEL, audited, rather than leave the job
+        stuck in rolling_back or cleaning, whose plan cannot change."""
         mode = self.plan.cleanup.mode
-        if mode == "auto":
-            probe = keys.probe(self.name, "unlink")
-            return "unlink" if supports_unlink(self.client, probe) else "hdel"
-        return mode
+        if mode == "hdel":
+            return mode
+        if supports_unlink(self.client, keys.probe(self.name, "unlink")):
+            return "unlink"
+        if mode == "unlink":
+            self.store.add_event(
+                self.name,
+                "flag",
+                to_value="hdel",
+                detail="cleanup.mode unlink, but the server has no UNLINK for this user now: "
+                "removing by HSCAN+HDEL",
+            )
+        return "hdel"
 
     def _remove_keys(self, stage: str, targets: list[str]) -> None:
         remover = KeyRemover(self.client, self.scripts)

@@ -33,7 +33,8 @@ def server_info(client: redis.Redis) -> ServerInfo:
 
 
 def supports_unlink(client: redis.Redis, probe_key: str) -> bool:
-    """True when UNLINK works here; False where it is missing or renamed away (rename-command).
+    """True when UNLINK works here; False where it is missing, renamed away (rename-command)
+    or denied to this user (ACL: NOPERM).
 
     Asks by running it on ``probe_key``, a key of ours that does not exist, rather than through
     COMMAND INFO, whose reply for an unknown name differs between servers and client versions.
@@ -41,7 +42,10 @@ def supports_unlink(client: redis.Redis, probe_key: str) -> bool:
     try:
         client.unlink(probe_key)
     except redis.ResponseError as e:
-        if "unknown command" in str(e).lower():
+        msg = str(e).lower()
+        if "unknown command" in msg or isinstance(e, redis.exceptions.NoPermissionError):
+            return False
+        if msg.startswith("noperm"):
             return False
         raise
     return True

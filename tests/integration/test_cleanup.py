@@ -20,6 +20,7 @@ from tests.integration.life import (
     SOURCE,
     TEMPLATE,
     cli_env,
+    data_keys,
     eventually,
     job_state,
     migrator_popen,
@@ -149,18 +150,39 @@ def test_cleanup_mode_forces_hdel_even_where_unlink_exists(
     assert _removal(state_url) == "hdel"
 
 
-def test_cleanup_mode_unlink_on_a_server_without_it_stops_with_a_clear_error(
+def test_cleanup_mode_unlink_is_refused_at_apply_where_the_server_has_no_unlink(
     start_server: Any, tmp_path: Path, state_url: str
 ) -> None:
+    """Asked for in the plan and missing (renamed away): refused before anything is written,
+    not found out at cleanup, where the job's plan can no longer change."""
     server = start_server(rename_command='UNLINK ""')
     r = server.client()
-    model = _at_cutover(server.url, r, tmp_path, state_url, 2000, extra="cleanup: {mode: unlink}\n")
-    res = run_cli("cleanup", JOB, env=cli_env(state_url))
-    assert res.returncode == 1
-    assert "unlink" in res.stderr.lower()
-    assert read_hash(r, SOURCE) == model  # nothing removed; the job waits in cleaning
-    assert job_state(state_url)["phase"] == "cleaning"
+    seed_hash(r, SOURCE, 200)
+    plan = write_plan(tmp_path / "p.yaml", server.url, shards=8, extra="cleanup: {mode: unlink}\n")
+    res = run_cli("plan", "apply", str(plan), "--allow-no-instances", env=cli_env(state_url))
+    assert res.returncode == 2
+    assert "cleanup.mode is unlink, but this server has no UNLINK" in res.stderr
+    assert data_keys(r) == {SOURCE}
     r.close()
+
+
+def test_a_server_that_lost_unlink_since_apply_is_cleaned_up_by_hdel(
+    redis_server: RedisServer, r: redis.Redis, tmp_path: Path, state_url: str
+) -> None:
+    """UNLINK denied after apply (an ACL change; a failover to a server with renamed commands
+    is alike): the cleanup removes the old key by HSCAN+HDEL, audited, rather than leave the
+    job stuck in cleaning, whose plan cannot change (it used to fail there every time)."""
+    _at_cutover(redis_server.url, r, tmp_path, state_url, 2000, extra="cleanup: {mode: unlink}\n")
+    r.execute_command("ACL", "SETUSER", "default", "-unlink")
+    try:
+        res = run_cli("cleanup", JOB, env=cli_env(state_url))
+        assert res.returncode == 0, res.stderr
+        assert not r.exists(SOURCE) and job_state(state_url)["phase"] == "done"
+        assert _removal(state_url) == "hdel"
+        flags = [e for e in commands.history(JOB, state_url=state_url) if e.kind == "flag"]
+        assert any("no UNLINK" in (e.detail or "") for e in flags)
+    finally:
+        r.execute_command("ACL", "SETUSER", "default", "+unlink")
 
 
 def test_hdel_cleanup_without_unlink_survives_sigkill(
