@@ -248,6 +248,28 @@ def test_a_failed_dual_write_is_counted_and_raised(r: redis.Redis, attach: Attac
     assert users.counters()["dual_write_errors"] == 2
 
 
+@pytest.mark.parametrize("op", ["hset", "hincrby", "hdel"])
+def test_a_dual_write_whose_shard_is_not_a_hash_writes_nothing(
+    r: redis.Redis, attach: Attach, op: str
+) -> None:
+    """A script is not undone by an error: it checks both keys first, so the old key is not
+    written either, and an app that retries the failed call applies nothing twice."""
+    r.hset(SOURCE, mapping={"a": "1", "n": "10"})
+    r.set(shard_key("a"), "written outside the shim")
+    r.set(shard_key("n"), "written outside the shim")
+    control.publish(r, record(P.DUAL_WRITE))
+    users = attach()
+    call = {
+        "hset": lambda: users.hset("a", "2"),
+        "hincrby": lambda: users.hincrby("n", 5),
+        "hdel": lambda: users.hdel("a"),
+    }[op]
+    for _ in range(3):
+        with pytest.raises(redis.ResponseError, match="nothing was written"):
+            call()
+    assert r.hgetall(SOURCE) == {b"a": b"1", b"n": b"10"}
+
+
 # -- reads -------------------------------------------------------------------------------------
 
 

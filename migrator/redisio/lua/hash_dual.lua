@@ -27,6 +27,16 @@ if KEYS[3] then
 end
 local op = ARGV[1]
 local first, second = KEYS[1], KEYS[2]
+-- A script is not undone by an error: with the second key of another type (a shard key
+-- written outside the shim), the first would be written and the call still fail, and an app
+-- retrying an increment would apply it twice. Both keys are checked before anything is.
+for _, key in ipairs({first, second}) do
+  local kind = redis.call('TYPE', key)['ok']
+  if kind ~= 'hash' and kind ~= 'none' then
+    return redis.error_reply('WRONGTYPE ' .. key .. ' holds a ' .. kind ..
+      ', not a hash: nothing was written')
+  end
+end
 local result
 if op == 'hset' then
   result = call_parts('HSET', first, ARGV, 2, last, 2)
