@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from typing import Any, cast
 
@@ -156,12 +156,38 @@ def live_instances(client: redis.Redis, job: str) -> list[Instance]:
     return [i for i in instances(client, job) if i.live]
 
 
-def forget_stale(client: redis.Redis, job: str) -> int:
+#: Folds the counter fields (``<instance>|<counter>``) of forgotten instances into
+#: ``gone|<counter>``, which ``migrator status`` sums with the rest. KEYS[1] the counters hash;
+#: ARGV[1] how many counter names follow, then the names, then the instance ids.
+_FOLD_COUNTERS = """
+local n = tonumber(ARGV[1])
+for i = n + 2, #ARGV do
+  for j = 2, n + 1 do
+    local field = ARGV[i] .. '|' .. ARGV[j]
+    local v = redis.call('HGET', KEYS[1], field)
+    if v then
+      redis.call('HINCRBY', KEYS[1], 'gone|' .. ARGV[j], v)
+      redis.call('HDEL', KEYS[1], field)
+    end
+  end
+end
+return 1
+"""
+
+
+def forget_stale(client: redis.Redis, job: str, counters: Sequence[str] = ()) -> list[str]:
+    """Drop the entries of instances silent for :data:`FORGET_AFTER_S`, so what ``status``
+    and the barriers read whole stays the size of the fleet; their ``counters`` (names) are
+    folded into totals, not lost. An autoscaled fleet would otherwise add entries forever."""
     stale = [i.id for i in instances(client, job) if i.age_s > FORGET_AFTER_S]
     if stale:
         client.hdel(keys.instances(job), *stale)
         client.hdel(keys.heartbeats(job), *stale)
-    return len(stale)
+        if counters:
+            client.eval(
+                _FOLD_COUNTERS, 1, keys.counters(job), str(len(counters)), *counters, *stale
+            )
+    return stale
 
 
 def heartbeat(client: redis.Redis, job: str, instance_id: str, payload: dict[str, Any]) -> None:

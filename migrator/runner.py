@@ -40,6 +40,7 @@ from migrator.lease import Lease
 from migrator.phases import BEFORE_CLEANING, RATIO_PHASES, Phase, phase_for_ratio
 from migrator.redisio import Scripts, connect, keys_exist, supports_unlink
 from migrator.scanloop import Progress, Step, drive
+from migrator.shim import counters as shim_counters
 from migrator.store import Job, Store
 from migrator.throttle import SLICE, BatchSizer, Controls, Gate, Pacer, check_fence
 from migrator.verifier import Found, HashVerifier
@@ -271,7 +272,7 @@ class Runner:
     def _barrier(self, purpose: str) -> None:
         epoch = self.job.epoch
         # Entries of instances gone for an hour are dropped, so the instance list stays small.
-        control.forget_stale(self.client, self.name)
+        control.forget_stale(self.client, self.name, counters=shim_counters.NAMES)
         deadline = time.monotonic() + self.barrier_timeout
         while True:
             try:

@@ -140,6 +140,32 @@ def test_counters_are_flushed_periodically_and_on_close(r: redis.Redis, attach: 
     assert flushed()[field("reads_shard")] == 3, "close() flushes what is pending"
 
 
+def test_forgotten_instances_counts_are_folded_not_lost(r: redis.Redis, attach: Attach) -> None:
+    """Every process that ever attached adds its own counter fields, which status reads whole:
+    an instance forgotten after an hour of silence has them folded into totals."""
+    from migrator.shim.counters import NAMES
+
+    r.hset(SOURCE, "a", "1")
+    control.publish(r, record(P.CUTOVER))
+    gone, staying = attach(), attach()
+    for users in (gone, staying):
+        users.hget("a")
+    gone.close()
+    staying._watcher.flush()
+    # Silent for two hours, as far as its heartbeat says.
+    r.hset(keys.heartbeats(JOB), gone.instance_id, int(time.time() * 1000) - 7_200_000)
+    forgotten = control.forget_stale(r, JOB, counters=NAMES)
+    assert forgotten == [gone.instance_id]
+    fields = {k.decode() for k in r.hkeys(keys.counters(JOB))}  # type: ignore[union-attr]
+    assert not any(f.startswith(f"{gone.instance_id}|") for f in fields)
+    assert "gone|reads_shard" in fields
+    totals: dict[str, int] = {}
+    for f, v in r.hgetall(keys.counters(JOB)).items():  # type: ignore[union-attr]
+        name = f.decode().split("|", 1)[-1]
+        totals[name] = totals.get(name, 0) + int(v)
+    assert totals["reads_shard"] == 2  # both instances' reads, as before the fold
+
+
 def test_sticky_read_paths_agree_across_processes(
     redis_server: Any, r: redis.Redis, attach: Attach
 ) -> None:
