@@ -133,10 +133,10 @@ def test_cutover_and_cleaning_writers_side_by_side_lose_no_update(r: redis.Redis
     r.hset(SOURCE, mapping={"n": 10, "f": "1.5", "nx": "old"})
     r.hset(shard, mapping={"n": 10, "f": "1.5", "nx": "old"})
     scripts = Scripts(r)
-    assert scripts.hash_dual([shard, SOURCE], ["hincrby", "n", 3]) == 13  # cleaning instance
+    assert int(scripts.hash_dual([shard, SOURCE], ["hincrby", "n", 3])) == 13  # cleaning instance
     scripts.hash_dual([shard, SOURCE], ["hincrbyfloat", "f", "1.0"])
     scripts.hash_dual([shard, SOURCE], ["hset", "nx", "new"])
-    assert scripts.hash_dual([SOURCE, shard], ["hincrby", "n", 5]) == 18  # cutover instance
+    assert int(scripts.hash_dual([SOURCE, shard], ["hincrby", "n", 5])) == 18  # cutover instance
     scripts.hash_dual([SOURCE, shard], ["hincrbyfloat", "f", "0.5"])
     assert scripts.hash_dual([SOURCE, shard], ["hsetnx", "nx", "lost"]) == 0
     for key in (SOURCE, shard):
