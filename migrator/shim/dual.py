@@ -44,6 +44,23 @@ def stale(result: Any) -> bool:
     return isinstance(result, redis.ResponseError) and str(result).startswith("MIGRATORSTALE")
 
 
+class FencedOldWriter:
+    """Old-key-only writes under a control record, fenced by its epoch (hash_old.lua)."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        self._script = client.register_script(source("hash_old"))
+
+    def run(self, source_key: str, args: Sequence[Any], fence: tuple[str, int]) -> Any:
+        """The op's reply, or the refusal (:func:`stale`) when the record moved past the
+        epoch: then nothing was written."""
+        try:
+            return self._script(keys=[source_key, fence[0]], args=[*args, fence[1]])
+        except redis.ResponseError as e:
+            if stale(e):
+                return e
+            raise
+
+
 class DualWriter:
     """Runs :class:`DualCall` batches against one client."""
 

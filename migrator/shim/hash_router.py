@@ -41,7 +41,7 @@ from migrator.phases import TOMBSTONE, marks_deletes
 from migrator.redisio.scripts import source as script_source
 from migrator.routing import shard_of
 from migrator.shim import counters as c
-from migrator.shim.dual import DualCall, DualWriter, stale
+from migrator.shim.dual import DualCall, DualWriter, FencedOldWriter, stale
 from migrator.shim.errors import ShimError, ShimNotConfigured, ShimReservedValue, ShimWrongType
 from migrator.shim.routes import (
     ReadPath,
@@ -97,6 +97,7 @@ class ShardRouter:
         self._loader = loader
         self._source_key = source_key
         self._dual = DualWriter(client)
+        self._old = FencedOldWriter(client)
         self._expire_script = client.register_script(script_source("hash_expire"))
 
     @classmethod
@@ -243,15 +244,20 @@ class ShardRouter:
         with self._watcher.call() as record:
             source = self._source(record)
             mode = write_mode(record)
-            if mode is WriteMode.OLD:
+            if mode is WriteMode.OLD and record is None:
                 return [_PLAIN[op](self._client, source, _flat(items))], []
             assert record is not None  # DUAL and SHARDS need a record
+            fence = (keys.control(record.job), record.epoch)
+            if mode is WriteMode.OLD:
+                # planned, rolled_back: fenced as dual writes are, so a call held up past the
+                # move to dual_write cannot land on the old key alone beside the copy.
+                out = self._old.run(source, [op, *_flat(items)], fence)
+                return ([], items) if stale(out) else ([out], [])
             groups = _by_shard(record, items)
             if mode is WriteMode.DUAL or mode is WriteMode.MIRROR:
                 script_op = op
                 if op == "hdel" and mode is WriteMode.DUAL and marks_deletes(record.phase):
                     script_op = "hdel_mark"  # the copy may run: leave a mark (phases.TOMBSTONE)
-                fence = (keys.control(record.job), record.epoch)
                 # DualCall's first key is the one written first, whose result the other takes.
                 calls = [
                     DualCall(source, key, [script_op, *_flat(g)], fence)

@@ -512,6 +512,35 @@ def test_a_write_routed_by_a_record_the_runner_has_moved_past_is_routed_again(
     assert users.record.epoch == 7 and users.counters()["stale_retries"] == 1
 
 
+@pytest.mark.parametrize("before", [P.PLANNED, P.ROLLED_BACK])
+def test_an_old_key_write_routed_before_dual_write_is_routed_again(
+    r: redis.Redis, attach: Attach, before: Phase
+) -> None:
+    """An old-key-only write (planned, or rolled_back before a re-apply) held up past the move
+    to dual_write and the start of the copy must not land on the old key alone: the copy may
+    have passed its member, and the shard would keep the older value (a delete, the value it
+    removed). Fenced as dual writes are, it is refused and routed again, to both sides."""
+    r.hset(SOURCE, mapping={"c": "old", "d": "doomed"})
+    control.publish(r, record(before, epoch=3))
+    users = attach()
+    users.hset("w", "1")
+    assert r.hget(SOURCE, "w") == b"1" and not r.exists(shard_key("w"))
+    watcher = users._watcher  # this instance stalls: its refresh stops
+    watcher._stop.set()
+    assert watcher._thread is not None
+    watcher._thread.join(5)
+    # The runner moves on without it: dual_write, and the copy inserts what it scans.
+    control.publish(r, record(P.COPYING, epoch=5))
+    r.hsetnx(shard_key("c"), "c", "old")
+    r.hsetnx(shard_key("d"), "d", "doomed")
+    assert users.record is not None and users.record.epoch == 3  # still the old routing
+    assert users.hset("c", "new") == 0
+    assert users.hdel("d") == 1
+    assert r.hget(SOURCE, "c") == b"new" and r.hget(shard_key("c"), "c") == b"new"
+    assert not r.hexists(SOURCE, "d") and r.hget(shard_key("d"), "d") == TOMBSTONE
+    assert users.record.epoch == 5 and users.counters()["stale_retries"] == 1  # then refreshed
+
+
 def test_a_closed_router_refuses_calls(r: redis.Redis, attach: Attach) -> None:
     users = attach(source_key=SOURCE)
     users.close()
