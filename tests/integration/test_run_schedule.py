@@ -56,6 +56,9 @@ def test_what_is_due_in_each_phase(store: Store) -> None:
     later = job.phase_changed_at + timedelta(seconds=10)
     assert due(store, job, later, grace=3).work == "apply"  # type: ignore[union-attr]
     store.save_checkpoint(job, "verify", "0", 100, finished=True, extra={"run": 1})
+    # Finished clean, its move to verified lost (a crash): due for the move.
+    assert "clean verification" in due(store, job, later, grace=3).reason  # type: ignore[union-attr]
+    store.add_diffs(job, 1, [(b"m", "value_differs", 0)], status="confirmed")
     assert due(store, job, later, grace=3) is None  # verified with differences: the operator's
 
     _walk(store, P.VERIFIED, P.CUTOVER)
