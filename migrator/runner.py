@@ -524,6 +524,29 @@ class Runner:
         # The shard passes cost alike per member: one sizer carries over from shard to shard.
         # Verify scans as long as the copy: its commands aim at the same small slice.
         forward_sizer, backward_sizer = self.sizer(aim=SLICE), self.sizer(aim=SLICE)
+
+        def end_pass(p: int, done: int) -> None:
+            # Saved as the next pass's start in one write: were the end saved as this pass's
+            # cursor 0, a resume could not tell it from the pass's start, and would walk the
+            # pass again, counting its members twice.
+            before = dict(state)
+            if p == 0:
+                state["source_checked"] = done
+            state["pass"] = p + 1
+            state["shard_checked"] = done if p > 0 else 0
+            try:
+                save("0", state["shard_checked"], False)
+            except BaseException:
+                state.clear()
+                state.update(before)  # not saved: what drive saves on its way out is this pass's
+                raise
+
+        def save_in_pass(p: int, cursor: str, done: int, end: bool) -> None:
+            if end:
+                end_pass(p, done)
+            else:
+                save(cursor, done, False)
+
         while state["pass"] < total_passes:
             p = state["pass"]
             sizer = forward_sizer if p == 0 else backward_sizer
@@ -540,15 +563,12 @@ class Runner:
                 pacer=self.pacer(),
                 # The end of a pass is not the end of the run: only the last save below marks
                 # the run finished (cleanup and `migrator run` go by that mark).
-                save=lambda cursor, done, _end: save(cursor, done, False),
+                save=functools.partial(save_in_pass, p),
                 report=self._report("verify"),
             )
-            if p == 0:
-                state["source_checked"] = done
-            state["pass"] = p + 1
-            cursor, done = "0", (done if p > 0 else 0)
-            state["shard_checked"] = done if p > 0 else 0
-            save("0", done, False)
+            if state["pass"] == p:  # drive ends with its end saved; this is belt and braces
+                end_pass(p, done)
+            cursor, done = "0", int(state["shard_checked"])
         report.source_checked = int(state["source_checked"])
         report.shard_checked = int(state.get("shard_checked", 0))
         report.marks_removed = marks_before + verifier.marks_removed

@@ -6,6 +6,7 @@ import json
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -265,8 +266,9 @@ def test_the_run_is_marked_finished_only_at_its_end(
 
     report = commands.verify(JOB, state_url=state_url, on_progress=on_progress)
     assert report.clean
-    # Every pass reported its end (the source's, then each shard's), none of them finished.
-    assert {p for p, _ in marks} >= set(range(1 + SHARDS)), marks
+    # Every pass reported its end (the source's, then each shard's), saved as the next pass's
+    # start (the last one's: past every pass), none of them finished.
+    assert {p for p, _ in marks} >= set(range(1, 2 + SHARDS)), marks
     assert not any(finished for _, finished in marks), marks
     assert job_state(state_url)["checkpoints"]["verify"].finished
 
@@ -452,3 +454,35 @@ def test_a_clean_verify_whose_move_was_lost_is_not_run_again(
         assert store.last_verify_run(store.get_job(JOB)) == 1  # no second run
     finally:
         store.close()
+
+
+def test_a_pass_end_is_saved_as_the_next_pass_start(
+    redis_server: RedisServer,
+    r: redis.Redis,
+    tmp_path: Path,
+    state_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A checkpoint at cursor 0 must mean one thing per pass: its start. A pass's end saved as
+    (that pass, cursor 0, all its members) was taken for its start by a resume after a crash
+    right there, which walked the pass again and counted its members twice."""
+    from migrator.store.repository import Store
+
+    _applied(redis_server, r, tmp_path, state_url, 3000)
+    saves: list[tuple[int, str, int]] = []
+    real = Store.save_checkpoint
+
+    def spy(self: Store, job: Any, stage: str, cursor: str, done: int, **kw: Any) -> Any:
+        extra = kw.get("extra") or {}
+        if stage == "verify" and "pass" in extra and not kw.get("finished"):
+            saves.append((int(extra["pass"]), cursor, done))
+        return real(self, job, stage, cursor, done, **kw)
+
+    monkeypatch.setattr(Store, "save_checkpoint", spy)
+    report = commands.verify(JOB, state_url=state_url, rounds=1)
+    assert report.clean and report.source_checked == 3000 and report.shard_checked == 3000
+    starts: dict[int, set[int]] = {}
+    for p, cursor, done in saves:
+        if cursor == "0":
+            starts.setdefault(p, set()).add(done)
+    assert starts and all(len(d) == 1 for d in starts.values()), starts
