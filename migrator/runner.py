@@ -802,8 +802,11 @@ class Runner:
             # shims write the shards only, mixed only with mirroring ones, for which the shard
             # is the truth too. Only then can nobody write the old key, and it goes.
             self.publish()
-            self.barrier("cleanup: shims write shards first")
-            if not self._old_retired():
+            retired = self._old_retired()  # a resumed cleanup: this barrier is the second one
+            self.barrier(
+                "cleanup: old key retired" if retired else "cleanup: shims write shards first"
+            )
+            if not retired:
                 # The new epoch first: were the checkpoint saved first and the runner stopped
                 # before the bump, a resumed cleanup would publish retire_old under the epoch
                 # shims acknowledged without it, and the barrier below would pass at once.
