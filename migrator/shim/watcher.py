@@ -19,6 +19,7 @@ Lifecycle (one :class:`ControlWatcher` per attached router):
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import os
@@ -97,9 +98,12 @@ class ControlWatcher:
         self.counters = Counters()
         self.tracker = EpochTracker(record)
         self._sync_lock = threading.Lock()
-        # One refresh at a time (the thread's, an inline one, a write's retry): a read whose
-        # reply came late must not be installed, or heartbeated, after a later one.
-        self._refresh_lock = threading.RLock()
+        # Refreshes run side by side (the thread's, an inline one, a write's retry), none
+        # waiting on another's I/O; a read whose reply came late must not be installed after
+        # one that began later (it would route by an older record than this process acked).
+        self._install_lock = threading.Lock()
+        self._reads = itertools.count(1)
+        self._installed_read = 0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._joined = False
@@ -159,23 +163,21 @@ class ControlWatcher:
 
     def refresh(self) -> None:
         """One refresh: read + install the record, then heartbeat. Raises on Redis errors."""
-        with self._refresh_lock:
-            t0 = time.monotonic()
-            self._read_and_install()
-            self._heartbeat(self.tracker.applied_epoch())
-            self._confirmed_at = max(self._confirmed_at, t0)
+        t0 = time.monotonic()
+        self._read_and_install()
+        self._heartbeat(self.tracker.applied_epoch())
+        self._confirmed_at = max(self._confirmed_at, t0)
 
     # -- internals --------------------------------------------------------------------------
 
     def _sync(self) -> None:
         with self._sync_lock:
             if not self._joined:
-                with self._refresh_lock:
-                    t0 = time.monotonic()
-                    self._heartbeat(0)
-                    self._read_and_install()
-                    self._heartbeat(self.tracker.applied_epoch())
-                    self._confirmed_at = t0
+                t0 = time.monotonic()
+                self._heartbeat(0)
+                self._read_and_install()
+                self._heartbeat(self.tracker.applied_epoch())
+                self._confirmed_at = t0
                 self._joined = True
                 self._start_thread()
             elif time.monotonic() - self._confirmed_at > STALE_AFTER_S:
@@ -200,10 +202,6 @@ class ControlWatcher:
                     log.debug("migrator shim %s: counter flush failed", self.job, exc_info=True)
 
     def _tick(self) -> None:
-        with self._refresh_lock:
-            self._tick_once()
-
-    def _tick_once(self) -> None:
         t0 = time.monotonic()
         ok = True
         # Read and heartbeat are tried independently: a heartbeat of a stale-but-applied epoch
@@ -234,6 +232,8 @@ class ControlWatcher:
             log.debug("migrator shim %s: control refresh still failing: %r", self.job, exc)
 
     def _read_and_install(self) -> None:
+        with self._install_lock:
+            read = next(self._reads)
         record = control.read(self.client, self.job)
         if record is None:
             # A record that was seen and then vanished is most likely a purge or a mistake;
@@ -245,8 +245,13 @@ class ControlWatcher:
                     "migrator shim %s: control record vanished; keeping the last one", self.job
                 )
             return
-        previous = self.tracker.record
-        if self.tracker.install(record):
+        with self._install_lock:
+            if read < self._installed_read:
+                return  # a read begun later was installed meanwhile: this reply is older
+            self._installed_read = read
+            previous = self.tracker.record
+            changed = self.tracker.install(record)
+        if changed:
             self._vanished_logged = False
             if previous is None or (previous.phase, previous.ratio) != (record.phase, record.ratio):
                 log.info(

@@ -285,13 +285,14 @@ def test_a_refresh_whose_reply_came_late_never_undoes_a_later_one(
     control.publish(r, record(P.PLANNED, epoch=1))
     users = attach(refresh_interval=0.2)
     real_read = control.read
-    stall = threading.Event()
+    stall, resumed = threading.Event(), threading.Event()
 
     def late_read(client: Any, job: str) -> Any:
         rec = real_read(client, job)
         if stall.is_set() and threading.current_thread().name.startswith("migrator-shim"):
             stall.clear()
-            time.sleep(1.0)
+            time.sleep(2.0)
+            resumed.set()
         return rec
 
     monkeypatch.setattr("migrator.shim.watcher.control.read", late_read)
@@ -311,9 +312,11 @@ def test_a_refresh_whose_reply_came_late_never_undoes_a_later_one(
     control.publish(r, record(P.DUAL_WRITE, epoch=2))
     users._watcher._confirmed_at -= 10  # its refresh is late: the next call refreshes inline
     users.hlen()
+    assert not resumed.is_set()  # the call did not wait for the stalled read
     assert users.record is not None and users.record.epoch == 2
     assert acked_epoch(r, users.instance_id) == 2
-    time.sleep(1.2)  # the stalled refresh is over
+    assert resumed.wait(5)  # the stalled refresh is over
+    time.sleep(0.1)
     assert installed == [2]  # epoch 1 was never installed again, not even for a moment
     assert users.record.epoch == 2 and acked_epoch(r, users.instance_id) == 2
     users.hset("m", "v")
