@@ -156,37 +156,48 @@ def live_instances(client: redis.Redis, job: str) -> list[Instance]:
     return [i for i in instances(client, job) if i.live]
 
 
+#: Where the counters of forgotten instances go (``<FOLDED>|<counter>``): a name no instance
+#: id can clash with by accident, and none is folded into itself.
+FOLDED = "(forgotten)"
+#: Instances folded per script: about 16 µs of server time each, so 20 stay far inside the
+#: runner's 1 ms budget.
+FOLD_PER_CALL = 20
 #: Folds the counter fields (``<instance>|<counter>``) of forgotten instances into
-#: ``gone|<counter>``, which ``migrator status`` sums with the rest. KEYS[1] the counters hash;
-#: ARGV[1] how many counter names follow, then the names, then the instance ids.
-_FOLD_COUNTERS = """
+#: ``(forgotten)|<counter>``, which ``migrator status`` sums with the rest, then drops their
+#: instance and heartbeat entries: one step, so a failure loses no count and orphans no field.
+#: KEYS: counters, instances, heartbeats; ARGV[1] how many counter names follow, the names,
+#: then the instance ids.
+_FOLD = """
 local n = tonumber(ARGV[1])
 for i = n + 2, #ARGV do
-  for j = 2, n + 1 do
-    local field = ARGV[i] .. '|' .. ARGV[j]
-    local v = redis.call('HGET', KEYS[1], field)
-    if v then
-      redis.call('HINCRBY', KEYS[1], 'gone|' .. ARGV[j], v)
-      redis.call('HDEL', KEYS[1], field)
+  local id = ARGV[i]
+  if id ~= '{FOLDED}' then
+    for j = 2, n + 1 do
+      local field = id .. '|' .. ARGV[j]
+      local v = redis.call('HGET', KEYS[1], field)
+      if v then
+        redis.call('HINCRBY', KEYS[1], '{FOLDED}|' .. ARGV[j], v)
+        redis.call('HDEL', KEYS[1], field)
+      end
     end
   end
+  redis.call('HDEL', KEYS[2], id)
+  redis.call('HDEL', KEYS[3], id)
 end
 return 1
-"""
+""".replace("{FOLDED}", FOLDED)
 
 
 def forget_stale(client: redis.Redis, job: str, counters: Sequence[str] = ()) -> list[str]:
     """Drop the entries of instances silent for :data:`FORGET_AFTER_S`, so what ``status``
     and the barriers read whole stays the size of the fleet; their ``counters`` (names) are
-    folded into totals, not lost. An autoscaled fleet would otherwise add entries forever."""
+    folded into totals, not lost. An autoscaled fleet would otherwise add entries forever.
+    (Counter fields of instances forgotten by a release before this fold stay as they are.)"""
     stale = [i.id for i in instances(client, job) if i.age_s > FORGET_AFTER_S]
-    if stale:
-        client.hdel(keys.instances(job), *stale)
-        client.hdel(keys.heartbeats(job), *stale)
-        if counters:
-            client.eval(
-                _FOLD_COUNTERS, 1, keys.counters(job), str(len(counters)), *counters, *stale
-            )
+    fold = client.register_script(_FOLD)
+    keys_ = [keys.counters(job), keys.instances(job), keys.heartbeats(job)]
+    for i in range(0, len(stale), FOLD_PER_CALL):
+        fold(keys=keys_, args=[len(counters), *counters, *stale[i : i + FOLD_PER_CALL]])
     return stale
 
 

@@ -158,12 +158,24 @@ def test_forgotten_instances_counts_are_folded_not_lost(r: redis.Redis, attach: 
     assert forgotten == [gone.instance_id]
     fields = {k.decode() for k in r.hkeys(keys.counters(JOB))}  # type: ignore[union-attr]
     assert not any(f.startswith(f"{gone.instance_id}|") for f in fields)
-    assert "gone|reads_shard" in fields
+    assert "(forgotten)|reads_shard" in fields
+    assert gone.instance_id not in {i.id for i in control.instances(r, JOB)}
     totals: dict[str, int] = {}
     for f, v in r.hgetall(keys.counters(JOB)).items():  # type: ignore[union-attr]
         name = f.decode().split("|", 1)[-1]
         totals[name] = totals.get(name, 0) + int(v)
     assert totals["reads_shard"] == 2  # both instances' reads, as before the fold
+
+    # A fleet's worth at once: folded a few instances a script (each inside the budget).
+    old_ms = int(time.time() * 1000) - 7_200_000
+    many = [f"pod-{i}" for i in range(45)]
+    for iid in many:
+        r.hset(keys.instances(JOB), iid, json.dumps({"host": "h", "pid": 1, "epoch": 1}))
+        r.hset(keys.heartbeats(JOB), iid, old_ms)
+        r.hset(keys.counters(JOB), f"{iid}|reads_old", 3)
+    assert sorted(control.forget_stale(r, JOB, counters=NAMES)) == sorted(many)
+    assert int(r.hget(keys.counters(JOB), "(forgotten)|reads_old")) == 45 * 3  # type: ignore[arg-type]
+    assert not any(i.id in many for i in control.instances(r, JOB))
 
 
 def test_sticky_read_paths_agree_across_processes(
