@@ -541,6 +541,20 @@ def test_an_old_key_write_routed_before_dual_write_is_routed_again(
     assert users.record.epoch == 5 and users.counters()["stale_retries"] == 1  # then refreshed
 
 
+def test_old_key_writes_go_on_when_a_finished_job_s_record_is_removed(
+    r: redis.Redis, attach: Attach
+) -> None:
+    """Rolled back, the job is finished, and someone tidies its keys up: with no record to
+    fence by, an old-key-only write routes as it would with no job at all (it used to be
+    refused as stale five times, then fail)."""
+    control.publish(r, record(P.ROLLED_BACK, epoch=4))
+    users = attach()
+    users.hset("a", "1")
+    r.delete(keys.control(JOB))
+    assert users.hset("a", "2") == 0 and users.hincrby("n", 2) == 2
+    assert r.hgetall(SOURCE) == {b"a": b"2", b"n": b"2"}
+
+
 def test_a_closed_router_refuses_calls(r: redis.Redis, attach: Attach) -> None:
     users = attach(source_key=SOURCE)
     users.close()

@@ -5,9 +5,11 @@
 -- the live window, so the barriers went on without it) would otherwise land on the old key
 -- alone beside a running copy: a delete the copy resurrects, a value the shard never gets.
 -- Refused, it wrote nothing, and the shim routes it again by the current record.
+-- No record at all (removed once the job was finished, say) routes as no job does: old key
+-- only, which is what this writes.
 local last = #ARGV
 local current = redis.call('HGET', KEYS[2], 'epoch')
-if current ~= ARGV[last] then
+if current and current ~= ARGV[last] then
   return redis.error_reply('MIGRATORSTALE routed by epoch ' .. ARGV[last] .. ', now ' ..
     tostring(current))
 end
