@@ -99,7 +99,7 @@ def apply(
                 plan,
                 allow_no_instances=allow_no_instances,
                 force=force,
-                own_epoch=existing.epoch if existing else None,
+                own=(existing.epoch, existing.salt) if existing else None,
             )
             if fresh
             else None

@@ -26,15 +26,16 @@ class PreflightReport:
     published_epoch: int = 0
 
 
-def check_published(client: redis.Redis, plan: Plan, *, own_epoch: int | None = None) -> int:
+def check_published(client: redis.Redis, plan: Plan, *, own: tuple[int, str] | None = None) -> int:
     """The epoch of this job name's control record in Redis, if a finished run left one; a
     record of a job still under way refuses the plan: another state store drives that job.
-    ``own_epoch``: this store holds the job, finished at that epoch; a record of its own
-    run (no later epoch) whose last publish did not land is no other store's."""
+    ``own``: this store holds the job, finished, as (epoch, salt); a record of that very job
+    (its salt, random per job, and no later epoch) whose last publish did not land is no other
+    store's."""
     record = control.read(client, plan.name)
     if record is None:
         return 0
-    if own_epoch is not None and record.epoch <= own_epoch:
+    if own is not None and record.salt == own[1] and record.epoch <= own[0]:
         return record.epoch
     if record.phase not in TERMINAL:
         raise PreflightError(
@@ -118,13 +119,13 @@ def preflight(
     *,
     allow_no_instances: bool,
     force: bool = False,
-    own_epoch: int | None = None,
+    own: tuple[int, str] | None = None,
 ) -> PreflightReport:
     """Refuse (PreflightError, exit 2) a plan the target cannot take; else report what it saw.
 
-    ``force`` overrides the memory check only (the caller audits it); ``own_epoch``: this
+    ``force`` overrides the memory check only (the caller audits it); ``own``: this
     store's finished job of the plan's name, re-applied (:func:`check_published`)."""
-    published = check_published(client, plan, own_epoch=own_epoch)
+    published = check_published(client, plan, own=own)
     kind = detect_type(client, plan)
     check_field_ttls(client, plan)
     taken = taken_shard_keys(client, plan)

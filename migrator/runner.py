@@ -741,6 +741,13 @@ class Runner:
         one and a re-apply refused; "the same command again" is the way on, as for any
         interrupted step."""
         with self.leased(purpose):
+            current = self._guard(lambda: control.read(self.client, self.name), purpose)
+            if current is not None and current.salt != self.job.salt:
+                # Removed once finished, the name was taken by a job another store drives.
+                raise IllegalTransition(
+                    f"job {self.name} is {self.job.phase}; the control record in Redis now "
+                    "belongs to another job of this name (another state store's), left as it is"
+                )
             self.publish()
         return self.job
 

@@ -176,6 +176,28 @@ def test_a_rollback_whose_last_publish_was_lost_is_finished_by_running_it_again(
     assert job_state(state_url)["phase"] == "verified"
 
 
+def test_a_finished_job_never_takes_over_another_store_s_record_of_its_name(
+    redis_server: RedisServer, r: redis.Redis, tmp_path: Path, state_url: str
+) -> None:
+    """Rolled back here, its record removed, the name taken up by a job another store drives
+    (another salt, a lower epoch): neither re-apply nor `rollback` again takes that record for
+    this job's own."""
+    seed_hash(r, SOURCE, 500)
+    plan = write_plan(tmp_path / "p.yaml", redis_server.url, shards=4)
+    env = cli_env(state_url)
+    commands.apply(str(plan), state_url=state_url, allow_no_instances=True)
+    assert run_cli("rollback", JOB, env=env).returncode == 0
+    mine = control.read(r, JOB)
+    assert mine is not None
+    theirs = dataclasses.replace(mine, phase=Phase.COPYING, epoch=2, salt="another-job")
+    _lose_the_last_publish(r, theirs)
+    res = run_cli("plan", "apply", str(plan), "--allow-no-instances", env=env)
+    assert res.returncode == 2 and "another state store drives it" in res.stderr
+    res = run_cli("rollback", JOB, env=env)
+    assert res.returncode == 2 and "belongs to another job" in res.stderr
+    assert control.read(r, JOB) == theirs
+
+
 def test_a_paused_job_still_rolls_back_and_a_reapply_audits_its_flag(
     redis_server: RedisServer, r: redis.Redis, tmp_path: Path, state_url: str
 ) -> None:
