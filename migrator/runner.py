@@ -541,14 +541,27 @@ class Runner:
                 state.update(before)  # not saved: what drive saves on its way out is this pass's
                 raise
 
+        def pass_start(p: int) -> int:
+            """The count pass ``p`` starts from: 0 for the source's, the shard passes' running
+            total for a shard's."""
+            return 0 if p == 0 else int(state.get("shard_checked", 0))
+
         def save_in_pass(p: int, cursor: str, done: int, end: bool) -> None:
-            if end:
+            # Cursor 0 past the pass's start is its end, however it comes: drive's end, or
+            # drive's save on its way out of a failure.
+            if end or (cursor == "0" and done != pass_start(p)):
                 end_pass(p, done)
             else:
                 save(cursor, done, False)
 
         while state["pass"] < total_passes:
             p = state["pass"]
+            if cursor == "0" and done != pass_start(p):
+                # A pass's end as an earlier release saved it: (that pass, cursor 0, its
+                # members). Go on from the next pass rather than walk this one again.
+                end_pass(p, done)
+                cursor, done = "0", int(state["shard_checked"])
+                continue
             sizer = forward_sizer if p == 0 else backward_sizer
             step = (
                 verifier.forward(sink, sizer) if p == 0 else verifier.backward(p - 1, sink, sizer)

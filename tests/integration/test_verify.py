@@ -486,3 +486,22 @@ def test_a_pass_end_is_saved_as_the_next_pass_start(
         if cursor == "0":
             starts.setdefault(p, set()).add(done)
     assert starts and all(len(d) == 1 for d in starts.values()), starts
+
+
+def test_a_pass_end_saved_by_an_earlier_release_is_not_walked_again(
+    redis_server: RedisServer, r: redis.Redis, tmp_path: Path, state_url: str
+) -> None:
+    """An earlier release saved the source pass's end as (pass 0, cursor 0, its members); a
+    run resumed from it goes on with the shard passes and counts the source once."""
+    _applied(redis_server, r, tmp_path, state_url, 3000)
+    store = open_store(state_url)
+    try:
+        job = store.get_job(JOB)
+        run = store.last_verify_run(job) + 1
+        extra = {"run": run, "pass": 0, "source_checked": 0}
+        store.save_checkpoint(job, "verify", "0", 3000, finished=False, extra=extra)
+    finally:
+        store.close()
+    report = commands.verify(JOB, state_url=state_url, rounds=1)
+    assert report.run == run and report.clean
+    assert (report.source_checked, report.shard_checked) == (3000, 3000)
