@@ -625,9 +625,17 @@ class Runner:
         batch: list[Any] = []
         # A re-check costs more per member than a scan step (two or three lookups): start small.
         sizer = BatchSizer(self.plan.copy_.batch, self.budget_us, start=16)
+        report, shown = self._report("verify"), [""]
+
+        def waiting(reason: str | None) -> None:
+            # Held (a pause, a gate, the rate ceiling): `status` says why, as for the passes.
+            if reason != shown[0]:
+                shown[0] = reason or ""
+                cp = self.store.get_checkpoint(self.job, "verify")
+                report(Progress("verify", cp.members_done if cp else 0, None, 0.0, reason))
 
         def flush() -> None:
-            pacer.before_batch()
+            pacer.before_batch(waiting)
             chunk = sizer.batch
             still, worst = verifier.recheck([(d.member, d.shard) for d in batch], chunk=chunk)
             sizer.observe(worst, min(chunk, len(batch)))
@@ -642,7 +650,9 @@ class Runner:
                     for d in batch
                 ]
             )
-            pacer.after_batch(len(batch))
+            pacer.after_batch(len(batch), waiting)
+            if shown[0]:
+                waiting(None)  # no longer held
             batch.clear()
 
         for d in iter_all(self.store, self.job, run, status=status):
