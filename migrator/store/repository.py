@@ -293,21 +293,29 @@ def open_store(url: str | None = None) -> Store:
         # and one at a time per store, or two commands started together on a new store both
         # create its tables and the second fails.
         with _UPGRADE_LOCK, _file_lock(url):
-            upgrader = _upgrade_engine(url, engine)
-            try:
-                with upgrader.begin() as conn:
-                    if conn.dialect.name == "postgresql":  # held to the commit
-                        conn.execute(
-                            sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": _PG_LOCK_KEY}
-                        )
-                    if _current(conn) != _head():
-                        from alembic import command
-
-                        command.upgrade(_alembic_config(conn), "head")
-            finally:
-                if upgrader is not engine:
-                    upgrader.dispose()
+            with engine.connect() as conn:  # the usual case: up to date, nothing to lock
+                current = _current(conn)
+            if current != _head():
+                _upgrade(url, engine)
     return Store(engine, url)
+
+
+def _upgrade(url: str, engine: Engine) -> None:
+    """Run Alembic to head in one transaction, holding the store's write lock from its start
+    (PostgreSQL: an advisory lock; SQLite: BEGIN IMMEDIATE, else a commit by a running runner
+    between the version read and the first DDL would fail it at once, SQLITE_BUSY_SNAPSHOT)."""
+    upgrader = _upgrade_engine(url, engine)
+    try:
+        with upgrader.begin() as conn:
+            if conn.dialect.name == "postgresql":  # held to the commit
+                conn.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": _PG_LOCK_KEY})
+            if _current(conn) != _head():  # another process may have upgraded meanwhile
+                from alembic import command
+
+                command.upgrade(_alembic_config(conn), "head")
+    finally:
+        if upgrader is not engine:
+            upgrader.dispose()
 
 
 def _upgrade_engine(url: str, engine: Engine) -> Engine:
@@ -328,7 +336,7 @@ def _upgrade_engine(url: str, engine: Engine) -> Engine:
 
     @sa.event.listens_for(upgrader, "begin")
     def _begin(conn: Connection) -> None:
-        conn.exec_driver_sql("BEGIN")
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
 
     return upgrader
 
