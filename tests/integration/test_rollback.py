@@ -152,19 +152,28 @@ def _lose_the_last_publish(r: redis.Redis, before: control.ControlRecord) -> Non
     r.hset(keys.control(JOB), mapping=before.to_hash())
 
 
-def test_a_rollback_whose_last_publish_was_lost_is_finished_by_running_it_again(
+def _rolled_back(
     redis_server: RedisServer, r: redis.Redis, tmp_path: Path, state_url: str
-) -> None:
-    """The store says rolled_back, Redis still says rolling_back: `rollback` again publishes
-    the record and succeeds (it used to refuse, exit 2), and a re-apply is not taken for
-    another store's job (it used to be refused too, and the name stuck for good)."""
-    seed_hash(r, SOURCE, 2000)
+) -> tuple[Path, dict[str, str], control.ControlRecord]:
+    """A job applied and rolled back through the CLI: its plan, the CLI's environment, and the
+    rolled_back record it published."""
+    seed_hash(r, SOURCE, 500)
     plan = write_plan(tmp_path / "p.yaml", redis_server.url, shards=4)
     env = cli_env(state_url)
     commands.apply(str(plan), state_url=state_url, allow_no_instances=True)
     assert run_cli("rollback", JOB, env=env).returncode == 0
     done = control.read(r, JOB)
     assert done is not None and done.phase == Phase.ROLLED_BACK
+    return plan, env, done
+
+
+def test_a_rollback_whose_last_publish_was_lost_is_finished_by_running_it_again(
+    redis_server: RedisServer, r: redis.Redis, tmp_path: Path, state_url: str
+) -> None:
+    """The store says rolled_back, Redis still says rolling_back: `rollback` again publishes
+    the record and succeeds (it used to refuse, exit 2), and a re-apply is not taken for
+    another store's job (it used to be refused too, and the name stuck for good)."""
+    plan, env, done = _rolled_back(redis_server, r, tmp_path, state_url)
     rolling = dataclasses.replace(done, phase=Phase.ROLLING_BACK, epoch=done.epoch - 1)
     _lose_the_last_publish(r, rolling)
     res = run_cli("rollback", JOB, env=env)
@@ -182,13 +191,7 @@ def test_a_finished_job_never_takes_over_another_store_s_record_of_its_name(
     """Rolled back here, its record removed, the name taken up by a job another store drives
     (another salt, a lower epoch): neither re-apply nor `rollback` again takes that record for
     this job's own."""
-    seed_hash(r, SOURCE, 500)
-    plan = write_plan(tmp_path / "p.yaml", redis_server.url, shards=4)
-    env = cli_env(state_url)
-    commands.apply(str(plan), state_url=state_url, allow_no_instances=True)
-    assert run_cli("rollback", JOB, env=env).returncode == 0
-    mine = control.read(r, JOB)
-    assert mine is not None
+    plan, env, mine = _rolled_back(redis_server, r, tmp_path, state_url)
     theirs = dataclasses.replace(mine, phase=Phase.COPYING, epoch=2, salt="another-job")
     _lose_the_last_publish(r, theirs)
     res = run_cli("plan", "apply", str(plan), "--allow-no-instances", env=env)

@@ -38,6 +38,22 @@ def _applied(
     return model
 
 
+def _wait_for_suspects(state_url: str, n: int) -> None:
+    """Until the current verify run has recorded ``n`` suspects (its passes are over)."""
+    store = open_store(state_url)
+    try:
+        job = store.get_job(JOB)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            run = store.last_verify_run(job)
+            if run and sum(store.count_diffs(job, run, status="suspect").values()) >= n:
+                return
+            time.sleep(0.01)
+        raise AssertionError(f"no {n} suspects recorded within 30 s")
+    finally:
+        store.close()
+
+
 def test_injected_differences_are_found_stored_shown_and_repaired(
     redis_server: RedisServer, r: redis.Redis, tmp_path: Path, state_url: str
 ) -> None:
@@ -123,17 +139,7 @@ def test_differences_that_heal_between_rounds_are_not_confirmed(
 
     def healer() -> None:
         # Once the first round has recorded both as suspects, m1's in-flight write lands.
-        store = open_store(state_url)
-        try:
-            job = store.get_job(JOB)
-            deadline = time.monotonic() + 30
-            while time.monotonic() < deadline:
-                run = store.last_verify_run(job)
-                if run and sum(store.count_diffs(job, run, status="suspect").values()) >= 2:
-                    break
-                time.sleep(0.01)
-        finally:
-            store.close()
+        _wait_for_suspects(state_url, 2)
         r.hset(shard_key("m1"), "m1", model[b"m1"])
 
     t = threading.Thread(target=healer)
@@ -400,17 +406,7 @@ def test_verify_rounds_hold_on_pause_and_give_way_to_a_rollback(
 
     t = threading.Thread(target=verify, daemon=True)
     t.start()
-    store = open_store(state_url)
-    try:
-        job = store.get_job(JOB)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            run = store.last_verify_run(job)
-            if run and sum(store.count_diffs(job, run, status="suspect").values()) >= 2000:
-                break
-            time.sleep(0.05)
-    finally:
-        store.close()
+    _wait_for_suspects(state_url, 2000)
     commands.pause(JOB, state_url=state_url)
     time.sleep(0.5)  # the batch under way ends
 
