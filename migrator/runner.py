@@ -53,6 +53,17 @@ P = Phase
 BATCH_RETRY_S = 30.0
 
 
+def _moved_on_hint(job: Job) -> str:
+    """What to do once another command moved the job away from the work this run was doing.
+    Running this run's command again would not help: the job is another verb's now."""
+    if job.phase in (P.ROLLING_BACK, P.ROLLED_BACK):
+        return (
+            f"a rollback took job {job.name} over; `migrator status {job.name}` shows it "
+            "(apply the plan again to start over once it is rolled back)"
+        )
+    return f"`migrator status {job.name}` shows where the job stands now"
+
+
 def clean_verify_run(store: Store, job: Job) -> int | None:
     """The job's last verify run if it finished and confirmed no difference left unrepaired:
     a job in ``verifying`` with one only missed its move to ``verified``."""
@@ -215,7 +226,8 @@ class Runner:
         if self._phases is not None and j.phase not in self._phases:
             raise Interrupted(
                 f"job {self.name} moved to phase {j.phase} meanwhile (another command); "
-                "this run stops here"
+                "this run stops here",
+                hint=_moved_on_hint(j),
             )
         return j
 
@@ -291,7 +303,8 @@ class Runner:
                 if now.epoch != epoch:
                     raise Interrupted(
                         f"job {self.name} moved to phase {now.phase} (epoch {now.epoch}) while "
-                        f"waiting for the {purpose} barrier; this run stops here"
+                        f"waiting for the {purpose} barrier; this run stops here",
+                        hint=_moved_on_hint(now),
                     ) from None
         detail = f"{purpose}: epoch {epoch} acknowledged by {len(live)} live instance(s)"
         self.store.add_event(self.name, "barrier", to_value=str(epoch), detail=detail)

@@ -292,3 +292,38 @@ def test_set_ratio_never_moves_past_a_verify_that_found_differences_meanwhile(
         runner.close()
         store.close()
         other.close()
+
+
+def test_apply_whose_verify_is_skipped_past_says_where_the_job_went(
+    redis_server: RedisServer, r: redis.Redis, tmp_path: Path, state_url: str
+) -> None:
+    """`set-ratio --force` during plan apply's verify moves the job on to gray; apply stops
+    there. Its message used to say "run plan apply again to resume", which does nothing in
+    gray: it points at status now, and a rollback meanwhile is named as such."""
+    seed_hash(r, "big:hash", 6000)
+    plan = write_plan(tmp_path / "p.yaml", redis_server.url, extra="copy: {rate: 3000}\n")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "migrator", "plan", "apply", str(plan), "--state", state_url]
+        + ["--allow-no-instances"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline, st = time.monotonic() + 30, {}
+        while time.monotonic() < deadline:
+            jobs = commands.status(state_url) if Path(state_url[10:]).exists() else []
+            st = jobs[0] if jobs else {}
+            if st.get("phase") == "verifying" and (st["stage_done"] or 0) > 0:
+                break
+            time.sleep(0.05)
+        assert st.get("phase") == "verifying", st
+        forced = run_cli("set-ratio", "t-job", "10", "--force", "--state", state_url)
+        assert forced.returncode == 0, forced.stderr
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 1, err
+    assert "moved to phase gray" in err and "`migrator status t-job`" in err, err
+    assert "plan apply" not in err, err

@@ -420,6 +420,7 @@ def test_verify_rounds_hold_on_pause_and_give_way_to_a_rollback(
     assert commands.rollback(JOB, state_url=state_url).phase == "rolled_back"
     t.join(10)
     assert isinstance(outcome[0], Interrupted), outcome
+    assert "a rollback took job t-job over" in str(outcome[0]), outcome  # not "run it again"
 
 
 def test_a_clean_verify_whose_move_was_lost_is_not_run_again(
