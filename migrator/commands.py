@@ -259,7 +259,10 @@ def _status_of(store: Store, job: Job) -> dict[str, Any]:
         "runner": None,
         "interrupted": False,
     }
-    run = store.last_verify_run(job)
+    # This attempt's last run: a re-apply drops the checkpoints, and the runs of the attempt
+    # it rolled back are no news about this one's shards.
+    v = cps["verify"]
+    run = (int(v.extra["run"]) if "run" in v.extra else store.last_verify_run(job)) if v else 0
     if run:
         out["verify"] = {
             "run": run,

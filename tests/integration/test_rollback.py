@@ -252,3 +252,34 @@ def test_rollback_by_hdel_goes_on_near_maxmemory_and_past_a_pause_file(
     removed = [e for e in commands.history(JOB, state_url=state_url) if e.kind == "rollback"]
     assert removed and removed[-1].to_value == "hdel"
     r.close()
+
+
+def test_status_after_a_reapply_shows_no_verify_run_of_the_attempt_rolled_back(
+    redis_server: RedisServer, r: redis.Redis, tmp_path: Path, state_url: str
+) -> None:
+    """The verify runs of an attempt that was rolled back say nothing about the shards of the
+    next: until it verifies, status shows none (it used to show the last one's counts)."""
+    from migrator.plan import load_plan
+    from migrator.store import open_store
+
+    plan = write_plan(tmp_path / "p.yaml", redis_server.url, shards=4)
+    seed_hash(r, SOURCE, 500)
+    commands.apply(str(plan), state_url=state_url, allow_no_instances=True)
+    r.hset("big:0", "m-outside", "written past the shim")  # a confirmed difference
+    assert commands.verify(JOB, state_url=state_url, rounds=1, delay=0.1).confirmed
+    [st] = commands.status(state_url, JOB)
+    assert st["verify"]["run"] == 2 and st["verify"]["confirmed"] == {"extra_in_shard": 1}, st
+    commands.rollback(JOB, state_url=state_url)
+    [st] = commands.status(state_url, JOB)
+    assert st["verify"]["run"] == 2  # the rolled-back attempt's, still its news
+    store = open_store(state_url)
+    try:
+        store.reset_for_reapply(JOB, load_plan(str(plan)))  # what plan apply does first
+    finally:
+        store.close()
+    [st] = commands.status(state_url, JOB)
+    assert st["phase"] == "planned" and "verify" not in st, st
+    assert "last verify run" not in run_cli("status", JOB, "--state", state_url).stdout
+    commands.apply(str(plan), state_url=state_url, allow_no_instances=True)
+    [st] = commands.status(state_url, JOB)
+    assert st["verify"] == {"run": 3, "confirmed": {}, "repaired": {}}, st
