@@ -92,7 +92,9 @@ def apply(
         return existing
     client = connect(plan.redis.url, name=f"migrator:{plan.name}:preflight")
     try:
-        fresh = existing is None or existing.phase == Phase.ROLLED_BACK
+        # A job left in planned (its first run failed before dual_write) has written nothing
+        # yet: a shard key that appeared meanwhile is someone else's, as for a new job.
+        fresh = existing is None or existing.phase in (Phase.ROLLED_BACK, Phase.PLANNED)
         report = (
             preflight(
                 client,

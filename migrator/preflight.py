@@ -113,6 +113,18 @@ def taken_shard_keys(client: redis.Redis, plan: Plan) -> list[str]:
     return [k for k, n in zip(shard_keys, keys_exist(client, shard_keys), strict=True) if n]
 
 
+def check_shards_free(client: redis.Redis, plan: Plan) -> None:
+    """Refuse shard keys that exist before the job wrote any: someone else's, which the copy
+    would mix with and a rollback would remove."""
+    taken = taken_shard_keys(client, plan)
+    if taken:
+        shown = ", ".join(repr(k) for k in taken[:3]) + (" ..." if len(taken) > 3 else "")
+        raise PreflightError(
+            f"{len(taken)} shard key(s) of target.key {plan.target.key!r} already exist: {shown}",
+            hint="choose another target.key, or remove those keys if they are leftovers",
+        )
+
+
 def preflight(
     client: redis.Redis,
     plan: Plan,
@@ -128,13 +140,7 @@ def preflight(
     published = check_published(client, plan, own=own)
     kind = detect_type(client, plan)
     check_field_ttls(client, plan)
-    taken = taken_shard_keys(client, plan)
-    if taken:
-        shown = ", ".join(repr(k) for k in taken[:3]) + (" ..." if len(taken) > 3 else "")
-        raise PreflightError(
-            f"{len(taken)} shard key(s) of target.key {plan.target.key!r} already exist: {shown}",
-            hint="choose another target.key, or remove those keys if they are leftovers",
-        )
+    check_shards_free(client, plan)
     live = control.live_instances(client, plan.name)
     if not live and not allow_no_instances:
         raise PreflightError(

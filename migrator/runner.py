@@ -31,6 +31,7 @@ from migrator.errors import (
     Interrupted,
     LeaseLost,
     MigratorError,
+    PreflightError,
     RedisUnavailable,
     SourceVanished,
     VerificationFailed,
@@ -38,6 +39,7 @@ from migrator.errors import (
 from migrator.gates import MemoryGate, PauseFileGate, ShimProtocolGate, default_gates
 from migrator.lease import Lease
 from migrator.phases import BEFORE_CLEANING, RATIO_PHASES, Phase, phase_for_ratio
+from migrator.preflight import check_shards_free
 from migrator.redisio import Scripts, connect, keys_exist, supports_unlink
 from migrator.scanloop import Progress, Step, drive
 from migrator.shim import counters as shim_counters
@@ -411,6 +413,7 @@ class Runner:
             while True:
                 phase = self.refresh().phase
                 if phase == P.PLANNED:
+                    self._refuse_taken_shards()
                     self.move(P.DUAL_WRITE, detail="plan apply", expect=phase)
                 elif phase == P.DUAL_WRITE:
                     self.barrier("dual_write")
@@ -433,6 +436,16 @@ class Runner:
                     self.move(P.VERIFIED, detail=f"verify run {report.run} clean", expect=phase)
                 else:
                     return self.job
+
+    def _refuse_taken_shards(self) -> None:
+        """In planned the job has written no shard key yet. plan apply's preflight refuses
+        one that exists before anything is written; this is the check for `migrator run`,
+        which resumes a job left in planned without a preflight, and for a key made since."""
+        try:
+            self._guard(lambda: check_shards_free(self.client, self.plan), "preflight")
+        except PreflightError as e:
+            self.store.update_job(self.name, last_error=f"stays in planned: {e.message}")
+            raise
 
     def copy(self) -> int:
         cp = self.store.get_checkpoint(self.job, "copy")

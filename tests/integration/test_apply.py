@@ -327,3 +327,38 @@ def test_apply_whose_verify_is_skipped_past_says_where_the_job_went(
     assert proc.returncode == 1, err
     assert "moved to phase gray" in err and "`migrator status t-job`" in err, err
     assert "plan apply" not in err, err
+
+
+def test_a_job_left_in_planned_is_preflighted_again_before_it_writes(
+    redis_server: RedisServer, r: redis.Redis, tmp_path: Path, state_url: str
+) -> None:
+    """A first apply that failed before dual_write (a busy lease, a Redis blip) leaves the
+    job in planned. A shard key made meanwhile is someone else's: applying again, or
+    `migrator run`, used to skip the preflight, copy beside it, and a rollback then removed
+    it with the job's own shards."""
+    from migrator.errors import PreflightError
+    from migrator.plan import load_plan
+    from migrator.runner import Runner
+
+    seed_hash(r, "big:hash", 500)
+    plan = write_plan(tmp_path / "p.yaml", redis_server.url, shards=4)
+    store = open_store(state_url)
+    try:
+        store.create_job(load_plan(str(plan)), allow_no_instances=True)  # as apply does first
+        r.hset("big:1", "foreign", "precious")
+        res = run_cli("plan", "apply", str(plan), "--allow-no-instances", "--state", state_url)
+        assert res.returncode == 2, res.stderr
+        assert "shard key(s) of target.key 'big:{shard}' already exist: 'big:1'" in res.stderr
+        assert store.get_job("t-job").phase == "planned"
+        runner = Runner(store, "t-job")  # what `migrator run` does with it
+        try:
+            with pytest.raises(PreflightError, match="'big:1'"):
+                runner.apply()
+        finally:
+            runner.close()
+        job = store.get_job("t-job")
+        assert job.phase == "planned" and "stays in planned" in (job.last_error or "")
+    finally:
+        store.close()
+    assert r.hgetall("big:1") == {b"foreign": b"precious"}
+    assert not r.exists("big:0", "big:2", "big:3")
