@@ -17,7 +17,7 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 
 from redis.connection import parse_url
 
-_QUERY_PASSWORD = re.compile(r"([?&]password=)[^&#]*")
+_QUERY_OPTION = re.compile(r"([?&])([^=&#]*)=([^&#]*)")
 _SENTINEL_HOST = re.compile(
     r"(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<host>[^:\[\]/@\s]+))(?::(?P<port>.*))?"
 )
@@ -25,10 +25,12 @@ _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no")
 
 
 def mask_url(url: str) -> str:
-    """``redis://user:secret@h:6379/0`` → ``redis://user:***@h:6379/0``, and a ``password=``
-    in the query. Done on the text, not by a URL parser: a URL that does not parse (a password
-    with an unencoded ``/``, ``?`` or ``#``, a port that is not a number) is masked too, and
-    one with nothing to mask comes back as it was."""
+    """``redis://user:secret@h:6379/0`` → ``redis://user:***@h:6379/0``, and the value of every
+    query option but those known to hold no secret (``?password=***``, and ``?PASSWORD=***``,
+    ``?ssl_password=***`` or a misspelt ``?passwd=***`` too: the URL may be quoted to refuse
+    just such an option). Done on the text, not by a URL parser: a URL that does not parse (a
+    password with an unencoded ``/``, ``?`` or ``#``, a port that is not a number) is masked
+    too, and one with nothing to mask comes back as it was."""
     scheme, sep, rest = url.partition("://")
     if not sep:
         scheme, rest = "", url
@@ -37,7 +39,15 @@ def mask_url(url: str) -> str:
         user, colon, _secret = rest[:at].partition(":")
         if colon:
             rest = f"{user}:***{rest[at:]}"
-    return _QUERY_PASSWORD.sub(r"\1***", f"{scheme}{sep}{rest}")
+    head, q, query = rest[max(at, 0) :].partition("?")
+    if q:
+        rest = rest[: max(at, 0)] + head + _QUERY_OPTION.sub(_mask_option, q + query)
+    return f"{scheme}{sep}{rest}"
+
+
+def _mask_option(m: re.Match[str]) -> str:
+    shown = m[2] in _NOT_SECRET or not m[3]
+    return f"{m[1]}{m[2]}={m[3] if shown else '***'}"
 
 
 # -- query options ---------------------------------------------------------------------------
@@ -117,6 +127,9 @@ QUERY_OPTIONS: dict[str, dict[str, Callable[[str], None]]] = {
     "unix": _COMMON,
     "redis+sentinel": {"tls": _flag},
 }
+
+#: The options whose values mask_url shows.
+_NOT_SECRET = frozenset(o for opts in QUERY_OPTIONS.values() for o in opts) - {"password"}
 
 #: What to write instead of a tempting option a scheme does not take.
 _INSTEAD = {

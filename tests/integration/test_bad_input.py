@@ -52,7 +52,7 @@ PLAN_CASES = {
     "url-unknown-option": (
         "name: a\nredis: {url: 'redis://127.0.0.1:6379/0?ssl=true'}\nsource: {key: k}\n"
         "target: {key: 'x:{shard}', shards: 4}\n",
-        "redis.url: redis://127.0.0.1:6379/0?ssl=true is not a usable Redis URL: unknown "
+        "redis.url: redis://127.0.0.1:6379/0?ssl=*** is not a usable Redis URL: unknown "
         "option 'ssl'",
     ),
     "url-pool-option": (

@@ -41,6 +41,16 @@ def test_secrets_are_masked() -> None:
     assert mask_url("u:s3cret@h/db") == "u:***@h/db"
     assert mask_url("unix:///tmp/r.sock") == "unix:///tmp/r.sock"
     assert mask_url("redis://user@h/0") == "redis://user@h/0"
+    # Any query option not known to be harmless: the URL is quoted to refuse such options.
+    assert (
+        mask_url("rediss://h:1/0?ssl_password=K&PASSWORD=P&passwd=W&db=2&socket_timeout=")
+        == "rediss://h:1/0?ssl_password=***&PASSWORD=***&passwd=***&db=2&socket_timeout="
+    )
+    assert mask_url("redis://u:a?b@h/0?password=x") == "redis://u:***@h/0?password=***"
+    for url in ("rediss://h:1/0?ssl_password=Key", "redis://h:1/0?PASSWORD=Pw"):
+        with pytest.raises(PlanError) as e:
+            parse_plan(GOOD.replace("${REDIS_URL:-redis://127.0.0.1:6379/0}", url), env={})
+        assert "Key" not in str(e.value) and "Pw" not in str(e.value), e.value
     bad = GOOD.replace("${REDIS_URL:-redis://127.0.0.1:6379/0}", "redis://u:s3cret@h:x/0")
     with pytest.raises(PlanError) as e:
         parse_plan(bad, env={})
@@ -182,7 +192,8 @@ def _with_url(url: str) -> str:
 def test_redis_url_options_and_forms_are_exact(url: str, needle: str) -> None:
     with pytest.raises(PlanError) as e:
         parse_plan(_with_url(url), env={})
-    assert f"redis.url: {url} is not a usable Redis URL: {needle}" in str(e.value)
+    # An unknown option's value is masked: it may be a secret (ssl_password=, PASSWORD=).
+    assert f"redis.url: {mask_url(url)} is not a usable Redis URL: {needle}" in str(e.value)
     assert e.value.exit_code == 2
 
 
