@@ -14,7 +14,7 @@ import secrets
 import socket
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from importlib import resources
@@ -134,10 +134,19 @@ class Diff:
     status: str
 
 
+def _make_private(path: Path) -> None:
+    """The store holds each job's plan as resolved, a Redis password included: a SQLite store
+    migrator creates is its owner's alone (directory 0700, file 0600; SQLite gives the -wal
+    and -shm files the database file's mode). One that exists keeps the mode it has."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    with suppress(FileExistsError):
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+
+
 def _engine(url: str) -> Engine:
     path = sqlite_file(url)
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        _make_private(path)
     engine = sa.create_engine(url, future=True, pool_pre_ping=True)
     if engine.dialect.name == "sqlite":
 

@@ -217,3 +217,21 @@ def test_a_process_killed_mid_upgrade_leaves_the_store_as_it_was(backend_url: st
         assert store.create_job(PLAN, allow_no_instances=True).name == "s-job"
     finally:
         store.close()
+
+
+def test_a_new_sqlite_store_is_its_owners_alone(tmp_path: Path) -> None:
+    """The store keeps each plan as resolved, its Redis password included: the directory and
+    files migrator creates are not readable by others (they were 0755 and 0644)."""
+    import stat
+
+    url = f"sqlite:///{tmp_path}/.migrator/state.db"
+    store = open_store(url)
+    try:
+        store.create_job(PLAN)
+        made = [tmp_path / ".migrator" / n for n in ("state.db", "state.db-wal", "state.db-shm")]
+        assert all(p.exists() for p in made), list((tmp_path / ".migrator").iterdir())
+        assert stat.S_IMODE((tmp_path / ".migrator").stat().st_mode) == 0o700
+        for p in made:
+            assert stat.S_IMODE(p.stat().st_mode) == 0o600, p
+    finally:
+        store.close()
