@@ -113,6 +113,7 @@ def progress_bar() -> Iterator[Callable[[Progress], None]]:
     if not sys.stderr.isatty():
         yield lambda p: None
         return
+    from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
     from rich.progress import Progress as Bar
 
@@ -124,6 +125,8 @@ def progress_bar() -> Iterator[Callable[[Progress], None]]:
         TimeRemainingColumn(),
         TextColumn("{task.fields[reason]}"),
         transient=False,
+        # On stderr, as asked above: stdout carries the verb's result (`--json` included).
+        console=Console(stderr=True),
     )
     tasks: dict[str, Any] = {}
     with bar:

@@ -502,3 +502,40 @@ def test_a_pass_end_saved_by_an_earlier_release_is_not_walked_again(
     report = commands.verify(JOB, state_url=state_url, rounds=1)
     assert report.run == run and report.clean
     assert (report.source_checked, report.shard_checked) == (3000, 3000)
+
+
+def test_json_on_stdout_stays_parseable_while_a_terminal_shows_the_bar(
+    redis_server: RedisServer, r: redis.Redis, tmp_path: Path, state_url: str
+) -> None:
+    """With stderr on a terminal the progress bar is drawn, on stderr: it used to go to
+    stdout, ahead of `--json`'s document, so `verify --json > report.json` wrote a bar."""
+    import os
+    import pty
+    import subprocess
+    import sys
+
+    _applied(redis_server, r, tmp_path, state_url, 20_000)
+    master, slave = pty.openpty()
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "migrator", "verify", JOB, "--json", "--delay", "0.1"],
+            stdout=subprocess.PIPE,
+            stderr=slave,
+            env={**os.environ, **cli_env(state_url), "COLUMNS": "100"},
+        )
+        os.close(slave)
+        drawn = b""
+        while True:  # read the terminal as it fills, or the bar would block on a full pty
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:  # the child closed its end
+                break
+            if not chunk:
+                break
+            drawn += chunk
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        os.close(master)
+    assert proc.returncode == 0, drawn
+    assert json.loads(out)["clean"] is True, out
+    assert b"verify" in drawn  # the bar was drawn, on the terminal
