@@ -382,6 +382,19 @@ class Runner:
 
         return report
 
+    def _waiting(self, stage: str) -> Callable[[str | None], None]:
+        """The ``on_wait`` of a loop outside scanloop.drive: held (a pause, a gate, the rate
+        ceiling), `status` says why, as it does for the scan passes."""
+        report, shown = self._report(stage), [""]
+
+        def waiting(reason: str | None) -> None:
+            if (reason or "") != shown[0]:
+                shown[0] = reason or ""
+                cp = self.store.get_checkpoint(self.job, stage)
+                report(Progress(stage, cp.members_done if cp else 0, None, 0.0, reason))
+
+        return waiting
+
     def _guard(self, work: Callable[[], T], what: str) -> T:
         """Run ``work``; a Redis failure (or a vanished source) stops the job with the checkpoint
         kept and says why in `status`."""
@@ -651,14 +664,7 @@ class Runner:
         batch: list[Any] = []
         # A re-check costs more per member than a scan step (two or three lookups): start small.
         sizer = BatchSizer(self.plan.copy_.batch, self.budget_us, start=16)
-        report, shown = self._report("verify"), [""]
-
-        def waiting(reason: str | None) -> None:
-            # Held (a pause, a gate, the rate ceiling): `status` says why, as for the passes.
-            if reason != shown[0]:
-                shown[0] = reason or ""
-                cp = self.store.get_checkpoint(self.job, "verify")
-                report(Progress("verify", cp.members_done if cp else 0, None, 0.0, reason))
+        waiting = self._waiting("verify")
 
         def flush() -> None:
             pacer.before_batch(waiting)
@@ -677,8 +683,7 @@ class Runner:
                 ]
             )
             pacer.after_batch(len(batch), waiting)
-            if shown[0]:
-                waiting(None)  # no longer held
+            waiting(None)  # no longer held (said only if it was)
             batch.clear()
 
         for d in iter_all(self.store, self.job, run, status=status):
@@ -699,7 +704,7 @@ class Runner:
             self.budget_us,
             fence=self._fresh,
         )
-        pacer = self.pacer()
+        pacer, waiting = self.pacer(), self._waiting("verify")
         repaired = 0
         page: list[Any] = []
         # Each script is sized to the budget by the time it reports, as the re-checks are: a
@@ -708,7 +713,7 @@ class Runner:
         check_sizer = BatchSizer(self.plan.copy_.batch, self.budget_us, start=16)
 
         def flush() -> int:
-            pacer.before_batch()
+            pacer.before_batch(waiting)
             for found in {d.shard for d in page}:
                 members = [d.member for d in page if d.shard == found]
                 chunk = sync_sizer.batch
@@ -720,7 +725,8 @@ class Runner:
             alive = {(m, s) for m, _k, s in still}
             fixed = [d for d in page if (d.member, d.shard) not in alive]
             self.store.update_diffs([(d.id, "repaired", d.kind) for d in fixed])
-            pacer.after_batch(len(page))
+            pacer.after_batch(len(page), waiting)
+            waiting(None)
             n = len(fixed)
             page.clear()
             return n
@@ -959,6 +965,9 @@ class Runner:
             state = {"key": index, "mode": mode}
             check_fence(self._fresh)  # a holder paused since the barrier removes nothing more
             if mode == "unlink":
+                # One command, freed off the main thread; still held by a pause (cleanup), a
+                # pause file (cleanup), the latency and replica gates and Ctrl-C, as HDEL is.
+                self.pacer(frees=stage).before_batch(self._waiting(stage))
                 remover.unlink(key)
             else:
                 cursor, done = (cp.cursor, cp.members_done) if cp and index == start else ("0", 0)

@@ -230,3 +230,45 @@ def test_hdel_cleanup_without_unlink_survives_sigkill(
     assert len(resumed) == 1 and resumed[0].to_value == killed_at.cursor
     assert _removal(state_url) == "hdel"
     r.close()
+
+
+@pytest.mark.parametrize("hold", ["pause", "pause file"])
+def test_an_unlink_cleanup_holds_on_a_pause_and_on_a_pause_file(
+    redis_server: RedisServer, r: redis.Redis, tmp_path: Path, state_url: str, hold: str
+) -> None:
+    """Pause acts on cleanup (SPEC §4) however the old key goes: an UNLINK cleanup used to
+    remove it at once past `migrator pause` and the pause file, where HDEL batches hold."""
+    import threading
+
+    _at_cutover(redis_server.url, r, tmp_path, state_url, 2000, extra="cleanup: {mode: unlink}\n")
+    pause_file = Path(state_url.removeprefix("sqlite:///")).parent / f"pause-{JOB}"
+    if hold == "pause":
+        commands.pause(JOB, state_url=state_url)
+    else:
+        pause_file.touch()
+    outcome: list[Any] = []
+
+    def cleanup() -> None:
+        try:
+            outcome.append(commands.cleanup(JOB, state_url=state_url))
+        except BaseException as e:
+            outcome.append(e)
+
+    t = threading.Thread(target=cleanup, daemon=True)
+    t.start()
+
+    def held() -> Any:
+        [st] = commands.status(state_url, JOB)
+        return st["stage"] == "cleanup" and st["throttle"]
+
+    reason = eventually(held, 10, "status to show the held cleanup")
+    assert reason == ("paused by operator" if hold == "pause" else f"pause file {pause_file}")
+    time.sleep(0.5)
+    assert r.exists(SOURCE) and t.is_alive() and not outcome, outcome
+    if hold == "pause":
+        commands.resume(JOB, state_url=state_url)
+    else:
+        pause_file.unlink()
+    t.join(10)
+    assert outcome and getattr(outcome[0], "phase", None) == "done", outcome
+    assert not r.exists(SOURCE)
