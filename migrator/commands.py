@@ -260,6 +260,7 @@ def _status_of(store: Store, job: Job) -> dict[str, Any]:
         "redis": "unknown",
         "runner": None,
         "interrupted": False,
+        "verify": None,
     }
     # This attempt's last run: a re-apply drops the checkpoints, and the runs of the attempt
     # it rolled back are no news about this one's shards.
@@ -318,30 +319,35 @@ def set_ratio(
         store.close()
 
 
-def pause(name: str, *, state_url: str | None = None) -> Job:
+def _control(name: str, state_url: str | None, verb: str, **change: Any) -> Job:
+    """pause, resume and set-rate: a change to the work of a job not finished yet."""
     store = _store_for(state_url, name)
     try:
-        return store.update_job(name, paused=True, audit="pause")
+        job = store.get_job(name)
+        if job.phase in TERMINAL:
+            raise IllegalTransition(
+                f"job {name} is {job.phase}: it has no work left for {verb} to act on",
+                hint="a rolled-back job applied again starts unpaused at the plan's rate"
+                if job.phase == Phase.ROLLED_BACK
+                else None,
+            )
+        return store.update_job(name, **change, audit=verb)
     finally:
         store.close()
+
+
+def pause(name: str, *, state_url: str | None = None) -> Job:
+    return _control(name, state_url, "pause", paused=True)
 
 
 def resume(name: str, *, state_url: str | None = None) -> Job:
-    store = _store_for(state_url, name)
-    try:
-        return store.update_job(name, paused=False, audit="resume")
-    finally:
-        store.close()
+    return _control(name, state_url, "resume", paused=False)
 
 
 def set_rate(name: str, rate: float, *, state_url: str | None = None) -> Job:
     if not math.isfinite(rate) or rate < 0:
         raise InputError(f"rate must be >= 0 members/s (0 = unlimited), got {rate:g}")
-    store = _store_for(state_url, name)
-    try:
-        return store.update_job(name, rate_override=rate, audit="set-rate")
-    finally:
-        store.close()
+    return _control(name, state_url, "set-rate", rate_override=rate)
 
 
 def verify(
