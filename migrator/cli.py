@@ -203,11 +203,11 @@ def plan_apply(
                 barrier_timeout=barrier_timeout,
             )
         except MigratorError as e:
-            if e.exit_code == 1:
+            # Nothing registered (Redis refused the first connection): nothing to resume.
+            if e.exit_code == 1 and not e.hint and commands.registered(file, state_url):
                 e.hint = (
-                    e.hint
-                    or f"the job keeps its checkpoint; run `migrator plan apply "
-                    f"{file}` again to resume"
+                    f"the job keeps its checkpoint; run `migrator plan apply {file}` again "
+                    "to resume"
                 )
             raise
     click.echo(f"job {job.name}: phase {job.phase}")

@@ -15,7 +15,13 @@ from collections.abc import Callable
 from typing import Any, cast
 
 from migrator import control, keys, lease
-from migrator.errors import IllegalTransition, InputError, JobNotFound, PlanConflict
+from migrator.errors import (
+    IllegalTransition,
+    InputError,
+    JobNotFound,
+    MigratorError,
+    PlanConflict,
+)
 from migrator.phases import ACTIVE, TERMINAL, Phase
 from migrator.plan import Plan, load_plan
 from migrator.preflight import preflight
@@ -48,6 +54,15 @@ def _spec_diff(old: dict[str, Any], new: dict[str, Any]) -> str:
     a = json.dumps(old, indent=2, sort_keys=True).splitlines()
     b = json.dumps(new, indent=2, sort_keys=True).splitlines()
     return "\n".join(difflib.unified_diff(a, b, "registered", "this plan", lineterm="", n=1))
+
+
+def registered(path: str, state_url: str | None) -> bool:
+    """Whether the plan at ``path`` names a job the store holds (read-only; False when either
+    cannot be read): what a failed plan apply has left to resume."""
+    try:
+        return peek_job(state_url, load_plan(path).name) is not None
+    except MigratorError:
+        return False
 
 
 def apply(

@@ -160,6 +160,20 @@ def test_unreachable_server_is_a_clear_message(tmp_path: Path) -> None:
     assert not (tmp_path / ".migrator" / "state.db").exists()
 
 
+def test_refused_credentials_on_a_new_plan_offer_nothing_to_resume(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """Nothing was registered, so there is no checkpoint: the message used to end "the job
+    keeps its checkpoint; run plan apply again to resume"."""
+    url = redis_server.url.replace("redis://", "redis://nobody:wrong@")
+    plan = write_plan(tmp_path / "p.yaml", url)
+    res = run_cli("plan", "apply", str(plan), "--allow-no-instances", cwd=tmp_path)
+    assert res.returncode == 1, res.stderr
+    assert "refused the credentials" in res.stderr and "wrong" not in res.stderr
+    assert "checkpoint" not in res.stderr and "resume" not in res.stderr, res.stderr
+    assert not (tmp_path / ".migrator" / "state.db").exists()
+
+
 ENV_CASES = {
     "niceness": (
         {"MIGRATOR_NICE": "low"},
