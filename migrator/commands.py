@@ -39,6 +39,7 @@ from migrator.store import (
 )
 from migrator.store import state_url as resolve_state_url
 from migrator.store.repository import iter_all
+from migrator.throttle import check_stop
 
 ProgressFn = Callable[[Progress], None]
 
@@ -123,6 +124,8 @@ def apply(
         )
     finally:
         client.close()
+    if stop is not None:
+        check_stop(stop)  # stopped during the preflight: nothing registered
     store = open_store(state_url)
     try:
         floor = report.published_epoch if report is not None else 0

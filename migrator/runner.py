@@ -44,7 +44,15 @@ from migrator.redisio import Scripts, connect, keys_exist, supports_unlink
 from migrator.scanloop import Progress, Step, drive
 from migrator.shim import counters as shim_counters
 from migrator.store import Job, Store
-from migrator.throttle import SLICE, BatchSizer, Controls, Gate, Pacer, check_fence
+from migrator.throttle import (
+    SLICE,
+    BatchSizer,
+    Controls,
+    Gate,
+    Pacer,
+    check_fence,
+    check_stop,
+)
 from migrator.verifier import Found, HashVerifier
 
 T = TypeVar("T")
@@ -424,6 +432,7 @@ class Runner:
         with self.leased("apply"):
             self.publish()
             while True:
+                check_stop(self.stop)  # a Ctrl-C before the copy began moves nothing on
                 phase = self.refresh().phase
                 if phase == P.PLANNED:
                     self._refuse_taken_shards()

@@ -44,6 +44,16 @@ def check_fence(fence: Fence | None) -> None:
         )
 
 
+def check_stop(stop: threading.Event) -> None:
+    """Raise Interrupted when a stop was requested (Ctrl-C, SIGTERM, a lost lease)."""
+    if stop.is_set():
+        raise Interrupted(
+            "stopped on request after the last acknowledged batch",
+            hint="the job keeps its checkpoint; run the same command again (or "
+            "`migrator run`) to go on from there",
+        )
+
+
 class BatchSizer:
     """Members per command, adapted so that each command stays within ``budget_us``."""
 
@@ -206,12 +216,7 @@ class Pacer:
 
     def check_stop(self) -> None:
         check_fence(self.fence)
-        if self.stop.is_set():
-            raise Interrupted(
-                "stopped on request after the last acknowledged batch",
-                hint="the job keeps its checkpoint; run the same command again (or "
-                "`migrator run`) to go on from there",
-            )
+        check_stop(self.stop)
 
     def before_batch(self, on_wait: Callable[[str | None], None] | None = None) -> None:
         """Return when the next batch may run; raise Interrupted when a stop was requested or

@@ -362,3 +362,40 @@ def test_a_job_left_in_planned_is_preflighted_again_before_it_writes(
         store.close()
     assert r.hgetall("big:1") == {b"foreign": b"precious"}
     assert not r.exists("big:0", "big:2", "big:3")
+
+
+def test_a_stop_requested_before_the_copy_registers_and_moves_nothing(
+    redis_server: RedisServer, r: redis.Redis, tmp_path: Path, state_url: str
+) -> None:
+    """Ctrl-C during the preflight or the first moves: the stop was checked only between copy
+    batches, so the job was registered, published and moved on to copying first (and live
+    shims started their dual writes) before apply stopped."""
+    import threading
+
+    from migrator.errors import Interrupted
+    from migrator.runner import Runner
+
+    seed_hash(r, "big:hash", 500)
+    plan = write_plan(tmp_path / "p.yaml", redis_server.url)
+    stop = threading.Event()
+    stop.set()
+    with pytest.raises(Interrupted):
+        commands.apply(str(plan), state_url=state_url, allow_no_instances=True, stop=stop)
+    assert not Path(state_url.removeprefix("sqlite:///")).exists()  # nothing registered
+    assert r.keys("migrator:*") == [] and r.keys("big:[0-9]*") == []
+
+    store = open_store(state_url)
+    try:
+        from migrator.plan import load_plan
+
+        store.create_job(load_plan(str(plan)), allow_no_instances=True)
+        runner = Runner(store, "t-job", stop=stop)
+        try:
+            with pytest.raises(Interrupted):
+                runner.apply()
+        finally:
+            runner.close()
+        assert store.get_job("t-job").phase == "planned"
+    finally:
+        store.close()
+    assert r.keys("big:[0-9]*") == []
