@@ -241,6 +241,18 @@ class _PlanLoader(yaml.SafeLoader):
                 problem = f"cannot read {node.value!r} as {kind}: {e}"
             raise yaml.constructor.ConstructorError(None, None, problem, node.start_mark) from None
 
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        # PyYAML keeps the last of two equal keys: `shards: 4` then `shards: 400` would be 400.
+        seen: set[Any] = set()
+        for key_node, _value in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, str | int | float | bool) and key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"{key!r} is given twice in one mapping", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
 
 def parse_plan(text: str, env: Mapping[str, str] | None = None, source: str = "plan") -> Plan:
     try:

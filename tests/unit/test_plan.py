@@ -68,6 +68,12 @@ def test_secrets_are_masked() -> None:
         ),
         (GOOD.replace("name: user-info-split\n", ""), "name: field required"),
         (GOOD + "surprise: 1\n", "surprise: unknown field"),
+        # PyYAML keeps the last of two equal keys: the plan would silently be another one.
+        (GOOD + "name: other-job\n", "'name' is given twice in one mapping"),
+        (
+            GOOD.replace("shards: 100}", "shards: 100, shards: 4}"),
+            "'shards' is given twice in one mapping",
+        ),
         (GOOD.replace("user:info:{shard}", "user:info:x"), "target.key: must contain {shard}"),
         (GOOD.replace("shards: 100", "shards: 1"), "target.shards"),
         (GOOD.replace("shards: 100}", "shards: 100, hash: md5}"), "unknown hash function 'md5'"),
