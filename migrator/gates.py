@@ -33,7 +33,7 @@ import redis
 from sqlalchemy import exc as sa_exc
 
 from migrator import control, store
-from migrator.memory import PAUSE_AT, info, mb
+from migrator.memory import PAUSE_AT, info, mb, memory_limit
 from migrator.throttle import Gate
 
 #: Environment variable naming one more pause file.
@@ -131,7 +131,8 @@ class LatencyGate(Gate):
 
 
 class MemoryGate(Gate):
-    """Holds while ``used_memory`` is above ``pause_at`` of ``maxmemory`` (none set: never).
+    """Holds while ``used_memory`` is above ``pause_at`` of ``maxmemory`` (none set: of the
+    host's memory, as the preflight plans).
 
     Checked often (INFO memory is cheap): a fast copy adds megabytes per second."""
 
@@ -146,11 +147,12 @@ class MemoryGate(Gate):
             mem = info(self.client, "memory")
         except redis.RedisError as e:
             return f"memory check failed: {e}"
-        used, maxmemory = int(mem.get("used_memory", 0)), int(mem.get("maxmemory", 0))
-        if maxmemory and used > self.pause_at * maxmemory:
+        used, limit = int(mem.get("used_memory", 0)), memory_limit(mem)
+        if limit and used > self.pause_at * limit:
+            of = "maxmemory" if int(mem.get("maxmemory", 0)) else "the host's memory"
             return (
-                f"memory: used_memory {mb(used)} is {used / maxmemory:.0%} of maxmemory "
-                f"{mb(maxmemory)} (holding above {self.pause_at:.0%})"
+                f"memory: used_memory {mb(used)} is {used / limit:.0%} of {of} {mb(limit)} "
+                f"(holding above {self.pause_at:.0%})"
             )
         return None
 

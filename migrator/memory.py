@@ -11,7 +11,9 @@ source's own size. That size is estimated in O(samples), never O(N):
 
 The room is what lies below :data:`PAUSE_AT` of ``maxmemory`` (the fraction at which the memory
 gate pauses the copy, ``gates.MemoryGate``), so a copy that passes the preflight does not run
-into that pause by itself. With no ``maxmemory`` the host's total memory is the limit.
+into that pause by itself. With no ``maxmemory`` the same fraction of the host's memory
+(``total_system_memory``) stands in for it, in the preflight and in the gate: a server that
+fills its host is stopped by the kernel, not by an error.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ class Headroom:
     method: str  # how the estimate was made
     used: int
     maxmemory: int  # 0: not configured
-    limit: int  # what the copy must stay under: PAUSE_AT of maxmemory, or the host's memory
+    limit: int  # what the copy must stay under: PAUSE_AT of maxmemory, or of the host's memory
 
     @property
     def free(self) -> int:
@@ -58,7 +60,7 @@ class Headroom:
         if self.maxmemory:
             where = f"{PAUSE_AT:.0%} of maxmemory {mb(self.maxmemory)}"
         else:
-            where = f"the host's memory {mb(self.limit)} (no maxmemory set)"
+            where = f"{PAUSE_AT:.0%} of the host's memory (no maxmemory set)"
         return (
             f"the copy needs about {mb(self.estimate)} ({self.method}); {mb(self.free)} is free "
             f"below {where}, with {mb(self.used)} used"
@@ -119,5 +121,10 @@ def headroom(client: redis.Redis, key: str, shards: int) -> Headroom:
     mem = info(client, "memory")
     used = int(mem.get("used_memory", 0))
     maxmemory = int(mem.get("maxmemory", 0))
-    limit = int(maxmemory * PAUSE_AT) if maxmemory else int(mem.get("total_system_memory", 0))
-    return Headroom(estimate, method, used, maxmemory, limit)
+    return Headroom(estimate, method, used, maxmemory, int(PAUSE_AT * memory_limit(mem)))
+
+
+def memory_limit(mem: dict[str, Any]) -> int:
+    """What the server's memory is held against (INFO memory): ``maxmemory``, else the host's
+    memory (0: neither known)."""
+    return int(mem.get("maxmemory", 0)) or int(mem.get("total_system_memory", 0))

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import redis
 
+from migrator import memory
 from migrator.gates import (
     LatencyGate,
     MemoryGate,
@@ -80,9 +81,17 @@ def test_memory_gate_holds_near_maxmemory(start_server: Callable[..., RedisServe
     assert _poll(lambda: gate.check() is None)
 
 
-def test_memory_gate_never_holds_without_maxmemory(r: redis.Redis) -> None:
+def test_memory_gate_without_maxmemory_holds_against_the_hosts_memory(r: redis.Redis) -> None:
+    """No maxmemory: the host's memory stands in for it (it used to be no limit at all, and a
+    copy could fill the host)."""
     r.set("k", b"x" * 1_000_000)
-    assert MemoryGate(r).check() is None
+    assert MemoryGate(r).check() is None  # a megabyte is far below 90% of the host
+    host = int(r.info("memory")["total_system_memory"])
+    reason = MemoryGate(r, pause_at=1e-6).check()  # as if the host were nearly full
+    assert reason and f"of the host's memory {host / 1_048_576:,.1f} MiB" in reason, reason
+    room = memory.headroom(r, "k", 4)
+    assert room.maxmemory == 0 and room.limit == int(0.9 * host)
+    assert "below 90% of the host's memory (no maxmemory set)" in room.describe()
 
 
 def test_replica_lag_gate_holds_while_a_replica_falls_behind(
