@@ -332,9 +332,11 @@ class Runner:
         """The pacer of the runner's loops: the plan's rate ceiling, the operator's controls,
         the runner's gates, and ``also`` (gates of this loop alone).
 
-        ``frees``: the loop removes keys (``rollback`` or ``cleanup``): memory near
-        ``maxmemory`` does not hold it, since it is what brings memory down; and a rollback,
-        the way out, goes on past a pause file as it goes on past ``migrator pause``."""
+        ``frees``: the loop adds no memory (``verify``'s passes and re-checks, which remove
+        marks at most) or removes keys (``rollback``, ``cleanup``): memory near ``maxmemory``
+        does not hold it, since it is not what fills memory, and a job held at verifying
+        could never reach the cleanup that brings memory down. A rollback, the way out, also
+        goes on past a pause file as it goes on past ``migrator pause``."""
 
         def controls() -> Controls:
             j = self._still_working()
@@ -621,7 +623,7 @@ class Runner:
                 done=done,
                 total=self.job.total_members,
                 sizer=sizer,
-                pacer=self.pacer(),
+                pacer=self.pacer(frees="verify"),
                 # The end of a pass is not the end of the run: only the last save below marks
                 # the run finished (cleanup and `migrator run` go by that mark).
                 save=functools.partial(save_in_pass, p),
@@ -639,7 +641,7 @@ class Runner:
             if not self.store.count_diffs(self.job, run, status="suspect"):
                 break
             self._still_working()  # a rollback meanwhile: no round more
-            pacer = self.pacer()
+            pacer = self.pacer(frees="verify")
             pacer.check_stop()
             self.stop.wait(delay)  # a stop request ends the wait
             self._recheck(verifier, run, "suspect", pacer)

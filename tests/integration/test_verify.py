@@ -539,3 +539,31 @@ def test_json_on_stdout_stays_parseable_while_a_terminal_shows_the_bar(
     assert proc.returncode == 0, drawn
     assert json.loads(out)["clean"] is True, out
     assert b"verify" in drawn  # the bar was drawn, on the terminal
+
+
+def test_verify_is_not_held_by_memory_near_the_limit(
+    start_server: Any, tmp_path: Path, state_url: str
+) -> None:
+    """Verify adds no memory (it removes the copy's marks at most): memory near maxmemory,
+    after a copy that only just fitted, used to hold it, and the job could never reach the
+    cleanup that brings memory down."""
+    from migrator.gates import MemoryGate
+
+    server = start_server(maxmemory="16mb")
+    r = server.client()
+    _applied(server, r, tmp_path, state_url, 2000)
+    pipe, i = r.pipeline(transaction=False), 0
+    while int(r.info("memory")["used_memory"]) < 0.92 * 16 * 1_048_576:
+        for _ in range(100):
+            pipe.set(f"fill:{i}", b"x" * 1000)
+            i += 1
+        pipe.execute()
+    assert MemoryGate(r).check() is not None  # the copy would be held here
+    stop = threading.Event()
+    timer = threading.Timer(30, stop.set)  # held, it would wait for ever: stopped instead
+    timer.start()
+    try:
+        report = commands.verify(JOB, state_url=state_url, rounds=1, stop=stop)
+    finally:
+        timer.cancel()
+    assert report.clean and report.source_checked == 2000
