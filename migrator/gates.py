@@ -73,6 +73,16 @@ class PauseFileGate(Gate):
         return None
 
 
+def thread_run_delay() -> float | None:
+    """Seconds the calling thread has waited for a CPU while runnable, or None where the
+    kernel does not say (/proc/thread-self/schedstat: on-CPU ns, run-delay ns, timeslices)."""
+    try:
+        with open("/proc/thread-self/schedstat", "rb") as f:
+            return int(f.read().split()[1]) / 1e9
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 class LatencyGate(Gate):
     """Holds while the median of recent PING round trips is far above the idle baseline.
 
@@ -81,6 +91,10 @@ class LatencyGate(Gate):
     median of the last ``window`` probes exceeds both ``factor`` x baseline and baseline +
     ``floor_ms``; goes on once it is back under half that excess. The probes run between
     batches, so they measure what other clients meet, not the runner's own commands.
+
+    A probe leaves out the time its thread waited for a CPU (``run_delay``: Linux's
+    schedstat), or a runner at low priority on a busy host would measure its own wait for the
+    CPU, not the server, and hold for nothing.
     """
 
     interval = 0.2
@@ -93,19 +107,26 @@ class LatencyGate(Gate):
         floor_ms: float = 1.0,
         window: int = 5,
         clock: Callable[[], float] = time.perf_counter,
+        run_delay: Callable[[], float | None] = thread_run_delay,
     ) -> None:
         self.client = client
         self.factor = factor
         self.floor_ms = floor_ms
         self._clock = clock
+        self._run_delay = run_delay
         self.recent: deque[float] = deque(maxlen=window)
         self.baseline_ms = statistics.median(self._probe() for _ in range(window))
         self.holding = False
 
     def _probe(self) -> float:
+        waited = self._run_delay()
         t = self._clock()
         self.client.ping()
-        return (self._clock() - t) * 1000.0
+        took = self._clock() - t
+        after = self._run_delay()
+        if waited is not None and after is not None:
+            took -= after - waited
+        return max(took, 0.0) * 1000.0
 
     def threshold_ms(self) -> float:
         return max(self.baseline_ms * self.factor, self.baseline_ms + self.floor_ms)

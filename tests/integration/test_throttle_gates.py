@@ -62,6 +62,44 @@ def test_latency_gate_holds_while_another_client_keeps_the_server_busy(
     assert _poll(lambda: [gate.check() for _ in range(5)][-1] is None)
 
 
+class _Host:
+    """The clocks a probe reads, for a runner that a busy host leaves waiting for a CPU:
+    each PING then takes ``took`` s of wall clock, ``waited`` s of it runnable but not
+    running (as a nice-10 runner beside the server and the app on two cores)."""
+
+    def __init__(self) -> None:
+        self.took = self.waited = 0.0001
+        self.wall = self.delay = 0.0
+        self._reads = [0, 0]
+
+    def clock(self) -> float:
+        self._reads[0] += 1
+        if self._reads[0] % 2 == 0:  # the read after the PING
+            self.wall += self.took
+        return self.wall
+
+    def run_delay(self) -> float:
+        self._reads[1] += 1
+        if self._reads[1] % 2 == 0:
+            self.delay += self.waited
+        return self.delay
+
+
+@pytest.mark.parametrize("kernel_says", [True, False])
+def test_latency_gate_leaves_out_the_runners_own_wait_for_a_cpu(
+    r: redis.Redis, kernel_says: bool
+) -> None:
+    """The runner's wait for a CPU is not the server's latency: without schedstat's run
+    delay (other systems) the gate can only hold, as it did everywhere before."""
+    host = _Host()
+    gate = LatencyGate(
+        r, clock=host.clock, run_delay=host.run_delay if kernel_says else lambda: None
+    )
+    host.took, host.waited = 0.020, 0.0199  # 20 ms a PING, all but 0.1 ms waiting for a CPU
+    held = [gate.check() for _ in range(5)][-1]
+    assert (held is None) == kernel_says, held
+
+
 def test_memory_gate_holds_near_maxmemory(start_server: Callable[..., RedisServer]) -> None:
     server = start_server(maxmemory="8mb")
     r = server.client()
