@@ -185,7 +185,12 @@ class ReplicaLagGate(Gate):
     """Holds while a replica is more than ``max_bytes`` of replication stream behind the
     primary, has not acknowledged for more than ``max_silence_s`` seconds, or is in a full
     resync. Replicas acknowledge once a second, so the byte lag includes up to a second of
-    stream."""
+    stream.
+
+    A replica the primary dropped (silent past ``repl-timeout``) is no longer listed, but it
+    is still behind: the gate holds for up to ``max_absent_s`` after it last saw it, so that
+    a replica back from a restart or a partition can catch up from the backlog instead of a
+    full resync; one gone longer is taken for removed and no longer waited for."""
 
     interval = 0.5
 
@@ -195,10 +200,15 @@ class ReplicaLagGate(Gate):
         *,
         max_bytes: int = 16 * 1_048_576,
         max_silence_s: int = 5,
+        max_absent_s: float = 120.0,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.client = client
         self.max_bytes = max_bytes
         self.max_silence_s = max_silence_s
+        self.max_absent_s = max_absent_s
+        self._clock = clock
+        self.seen: dict[str, float] = {}  # ip:port -> when it was last listed
 
     def check(self) -> str | None:
         try:
@@ -209,10 +219,24 @@ class ReplicaLagGate(Gate):
             return None
         offset = int(repl.get("master_repl_offset", 0))
         worst: list[str] = []
-        for name, replica in repl.items():
-            if not _SLAVE.match(name) or not isinstance(replica, dict):
+        now = self._clock()
+        listed = {
+            f"{replica.get('ip')}:{replica.get('port')}": replica
+            for name, replica in repl.items()
+            if _SLAVE.match(name) and isinstance(replica, dict)
+        }
+        for where, last in list(self.seen.items()):
+            if where in listed:
                 continue
-            where = f"{replica.get('ip')}:{replica.get('port')}"
+            if now - last > self.max_absent_s:
+                del self.seen[where]  # removed for good, it seems: no longer waited for
+            else:
+                worst.append(
+                    f"{where} disconnected {now - last:.0f}s ago (waited for up to "
+                    f"{self.max_absent_s:.0f}s)"
+                )
+        for where, replica in listed.items():
+            self.seen[where] = now
             if replica.get("state") != "online":
                 # A full resync buffers every write for the replica: a copy now could overflow
                 # that buffer and restart the sync.

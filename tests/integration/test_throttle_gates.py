@@ -158,6 +158,29 @@ def test_replica_lag_gate_holds_while_a_replica_falls_behind(
     assert _poll(lambda: gate.check() is None)
 
 
+def test_replica_lag_gate_waits_for_a_replica_the_primary_dropped(
+    start_server: Callable[..., RedisServer],
+) -> None:
+    """A replica the primary no longer lists (it died, or repl-timeout dropped it) is still
+    behind: the gate used to forget it at once, and the copy raced on past its backlog."""
+    primary, replica = start_server(), start_server()
+    p = primary.client()
+    now = [0.0]
+    gate = ReplicaLagGate(p, max_absent_s=60, clock=lambda: now[0])
+    replica.client().replicaof("127.0.0.1", primary.port)
+    assert _poll(lambda: int(p.info("replication")["connected_slaves"]) == 1)
+    assert _poll(lambda: gate.check() is None)  # online and caught up
+    replica.stop()
+    assert _poll(lambda: int(p.info("replication")["connected_slaves"]) == 0)
+    now[0] = 30.0
+    reason = gate.check()
+    assert reason and "disconnected 30s ago (waited for up to 60s)" in reason, reason
+    now[0] = 61.0  # gone for longer: taken for removed
+    assert gate.check() is None
+    now[0] = 62.0
+    assert gate.check() is None
+
+
 def test_replica_lag_gate_is_quiet_without_replicas(r: redis.Redis) -> None:
     r.set("k", b"x" * 100_000)
     assert ReplicaLagGate(r, max_bytes=1).check() is None
