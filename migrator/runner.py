@@ -673,8 +673,8 @@ class Runner:
         from migrator.store import iter_all
 
         batch: list[Any] = []
-        # A re-check costs more per member than a scan step (two or three lookups): start small.
-        sizer = BatchSizer(self.plan.copy_.batch, self.budget_us, start=16)
+        # A re-check costs more per member than a scan step (two or three lookups): small start.
+        sizer = BatchSizer(self.plan.copy_.batch, self.budget_us)
         waiting = self._waiting("verify")
 
         def flush() -> None:
@@ -720,8 +720,8 @@ class Runner:
         page: list[Any] = []
         # Each script is sized to the budget by the time it reports, as the re-checks are: a
         # repair moves whole values, which may be large.
-        sync_sizer = BatchSizer(self.plan.copy_.batch, self.budget_us, start=16)
-        check_sizer = BatchSizer(self.plan.copy_.batch, self.budget_us, start=16)
+        sync_sizer = BatchSizer(self.plan.copy_.batch, self.budget_us)
+        check_sizer = BatchSizer(self.plan.copy_.batch, self.budget_us)
 
         def flush() -> int:
             pacer.before_batch(waiting)
