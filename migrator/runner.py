@@ -549,12 +549,14 @@ class Runner:
             self.client, self.scripts, self.plan.source.key, self.shard_keys, fence=self._fresh
         )
         cp = self.store.get_checkpoint(self.job, "verify")
-        if cp is None or cp.finished or fresh or "run" not in cp.extra:
+        new_run = cp is None or cp.finished or fresh or "run" not in cp.extra
+        if new_run:
             run = self.store.last_verify_run(self.job) + 1
             state: dict[str, Any] = {"run": run, "pass": 0, "source_checked": 0}
             cursor, done = "0", 0
             self.store.add_event(self.name, "verify", to_value=str(run), detail="started")
         else:
+            assert cp is not None
             state = dict(cp.extra)
             run, cursor, done = int(state["run"]), cp.cursor, cp.members_done
         report = VerifyReport(run)
@@ -569,6 +571,10 @@ class Runner:
             return dict(state)
 
         save = self._saver("verify", extra)
+        if new_run:
+            # Saved before the first batch: until then status would show the last run's
+            # finished checkpoint, and no hold (a pause, a gate) that keeps this one waiting.
+            save("0", 0, False)
         # Pass 0 is the source → shards direction; pass i+1 is shard i → source.
         total_passes = 1 + len(self.shard_keys)
         # The shard passes cost alike per member: one sizer carries over from shard to shard.

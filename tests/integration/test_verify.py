@@ -567,3 +567,36 @@ def test_verify_is_not_held_by_memory_near_the_limit(
     finally:
         timer.cancel()
     assert report.clean and report.source_checked == 2000
+
+
+def test_status_shows_a_new_verify_run_held_before_its_first_batch(
+    redis_server: RedisServer, r: redis.Redis, tmp_path: Path, state_url: str
+) -> None:
+    """A verify run held from its start (here by a pause file) showed nothing in status: its
+    reason went into the last run's finished checkpoint, which status does not show."""
+    _applied(redis_server, r, tmp_path, state_url, 500)
+    pause_file = Path(state_url.removeprefix("sqlite:///")).parent / f"pause-{JOB}"
+    pause_file.touch()
+    outcome: list[Any] = []
+
+    def verify() -> None:
+        try:
+            outcome.append(commands.verify(JOB, state_url=state_url, rounds=1))
+        except BaseException as e:
+            outcome.append(e)
+
+    t = threading.Thread(target=verify, daemon=True)
+    t.start()
+    try:
+        deadline, st = time.monotonic() + 10, {}
+        while time.monotonic() < deadline:
+            [st] = commands.status(state_url, JOB)
+            if st["throttle"]:
+                break
+            time.sleep(0.05)
+        assert st["stage"] == "verify" and st["throttle"] == f"pause file {pause_file}", st
+        assert st["verify"]["run"] == 2 and st["stage_done"] == 0
+    finally:
+        pause_file.unlink()
+        t.join(30)
+    assert outcome and getattr(outcome[0], "clean", False), outcome
