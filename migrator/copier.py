@@ -57,7 +57,7 @@ from migrator.redisio.scripts import Scripts, member_keys
 from migrator.routing import HASH_FUNCTIONS
 from migrator.scanloop import Step
 from migrator.stream import BURST_S, DEPTH, STEP_SCRIPTS, CommandStream, Packed, Sent
-from migrator.throttle import BatchSizer, Fence, check_fence
+from migrator.throttle import BatchSizer, Fence, check_fence, chunks
 
 _TIME = b"*1\r\n$4\r\nTIME\r\n"
 #: A member and its value as bulk strings: what HSETNX and HSETEX take after the key.
@@ -313,16 +313,26 @@ class HashCopier(CommandStream):
         follow_deadline(self.scripts, self.source_key, [self.shard_keys[s] for s in todo])
         self._ttl_done.update(todo)
 
-    def sync(self, members: Sequence[bytes], *, chunk: int = 100, found: int = -1) -> float:
-        """Make ``members`` in the shards equal to the source; return the largest server time."""
+    def sync(
+        self,
+        members: Sequence[bytes],
+        *,
+        chunk: int = 100,
+        found: int = -1,
+        sizer: BatchSizer | None = None,
+    ) -> float:
+        """Make ``members`` in the shards equal to the source; return the largest server time.
+        ``sizer``: each script carries its batch and is shown to it (``chunk`` otherwise)."""
         worst = 0.0
         n = len(self.shard_keys)
-        for i in range(0, len(members), chunk):
-            named = [(m, self._hash(m) % n, found) for m in members[i : i + chunk]]
+        for part in chunks(members, chunk, sizer):
+            named = [(m, self._hash(m) % n, found) for m in part]
             keys, args, _ = member_keys(self.source_key, self.shard_keys, named)
             # One script a round trip (as verifier.recheck): never several budgets in a row.
             check_fence(self.fence)
             _written, _removed, elapsed = self.scripts.hash_sync(keys, args, client=self.client)
+            if sizer is not None:
+                sizer.observe(float(elapsed), len(part))
             worst = max(worst, float(elapsed))
         return worst
 

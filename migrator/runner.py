@@ -685,9 +685,7 @@ class Runner:
 
         def flush() -> None:
             pacer.before_batch(waiting)
-            chunk = sizer.batch
-            still, worst = verifier.recheck([(d.member, d.shard) for d in batch], chunk=chunk)
-            sizer.observe(worst, min(chunk, len(batch)))
+            still, _ = verifier.recheck([(d.member, d.shard) for d in batch], sizer=sizer)
             alive = {(m, s): k for m, k, s in still}
             self.store.update_diffs(
                 [
@@ -733,12 +731,8 @@ class Runner:
             pacer.before_batch(waiting)
             for found in {d.shard for d in page}:
                 members = [d.member for d in page if d.shard == found]
-                chunk = sync_sizer.batch
-                worst = copier.sync(members, chunk=chunk, found=found)
-                sync_sizer.observe(worst, min(chunk, len(members)))
-            chunk = check_sizer.batch
-            still, worst = verifier.recheck([(d.member, d.shard) for d in page], chunk=chunk)
-            check_sizer.observe(worst, min(chunk, len(page)))
+                copier.sync(members, found=found, sizer=sync_sizer)
+            still, _ = verifier.recheck([(d.member, d.shard) for d in page], sizer=check_sizer)
             alive = {(m, s) for m, _k, s in still}
             fixed = [d for d in page if (d.member, d.shard) not in alive]
             self.store.update_diffs([(d.id, "repaired", d.kind) for d in fixed])
@@ -748,7 +742,8 @@ class Runner:
             page.clear()
             return n
 
-        for d in list(iter_all(self.store, self.job, run, status="confirmed")):
+        # Lazily: iter_all pages by id, which the status changes below do not disturb.
+        for d in iter_all(self.store, self.job, run, status="confirmed"):
             page.append(d)
             if len(page) >= 200:
                 repaired += flush()

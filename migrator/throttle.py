@@ -15,10 +15,13 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 from migrator.errors import Interrupted
+
+T = TypeVar("T")
 
 #: The share of the budget each command of a scan (copy, verify) aims at: 40 µs of the default
 #: 1 ms. Measured on a shared 2-vCPU host (docs/benchmarks.md), this keeps the application's
@@ -104,6 +107,16 @@ class BatchSizer:
             self.batch = min(
                 self.max_batch, max(self.batch + 1, min(target, int(self.batch * 1.25)))
             )
+
+
+def chunks(items: Sequence[T], chunk: int, sizer: BatchSizer | None) -> Iterator[Sequence[T]]:
+    """``items`` in slices of ``chunk``, or of the sizer's batch as it stands at each slice
+    (the caller shows it each slice's time)."""
+    i = 0
+    while i < len(items):
+        n = sizer.batch if sizer is not None else chunk
+        yield items[i : i + n]
+        i += n
 
 
 class RateLimiter:

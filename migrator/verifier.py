@@ -23,7 +23,7 @@ from migrator.redisio.scripts import Scripts, member_keys
 from migrator.routing import HASH_FUNCTIONS
 from migrator.scanloop import Step
 from migrator.stream import CommandStream, Sent
-from migrator.throttle import BatchSizer, Fence, check_fence
+from migrator.throttle import BatchSizer, Fence, check_fence, chunks
 
 Found = tuple[bytes, str, int]  # (member, kind, shard)
 #: Turns a check script's reply into (its server time, the differences it found).
@@ -141,19 +141,26 @@ class HashVerifier:
         return _Walk(self, self.shard_keys[index], name, check, sink, sizer).step
 
     def recheck(
-        self, members: Sequence[tuple[bytes, int]], chunk: int = 200
+        self,
+        members: Sequence[tuple[bytes, int]],
+        chunk: int = 200,
+        *,
+        sizer: BatchSizer | None = None,
     ) -> tuple[list[Found], float]:
-        """The members (with the shard each was found in) that still differ, and worst time."""
+        """The members (with the shard each was found in) that still differ, and worst time.
+        ``sizer``: each script carries its batch and is shown to it (``chunk`` otherwise)."""
         n, h = len(self.shard_keys), self._hash
         still: list[Found] = []
         worst = 0.0
-        for i in range(0, len(members), chunk):
-            named = [(m, h(m) % n, s) for m, s in members[i : i + chunk]]
+        for part in chunks(members, chunk, sizer):
+            named = [(m, h(m) % n, s) for m, s in part]
             keys, args, shards = member_keys(self.source_key, self.shard_keys, named)
             # One script a round trip, not a pipeline of them: the server runs a client's
             # buffered commands back to back, which would hold it for several budgets at once.
             check_fence(self.fence)  # it removes delete marks: a write
             elapsed, diffs = self.scripts.hash_check(keys, args, client=self.client)
+            if sizer is not None:
+                sizer.observe(float(elapsed), len(part))
             worst = max(worst, float(elapsed))
             still += [(m, kind, shards[k]) for m, kind, k in _triples(diffs)]
         return still, worst
