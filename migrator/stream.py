@@ -173,13 +173,15 @@ class CommandStream:
                         if nxt is None:
                             break
                         cmd, sent = nxt
-                        if isinstance(cmd, Packed):
-                            wire.send_packed(cmd.data)
-                            self._replies.append(cmd.replies)
-                        else:
-                            wire.send(cmd)
-                            self._replies.append(0)
+                        # In flight before it is sent: a send that fails hands it back below
+                        # (``_lost``) with the rest, or what it carries would be lost.
                         self._inflight.append(sent)
+                        if isinstance(cmd, Packed):
+                            self._replies.append(cmd.replies)
+                            wire.send_packed(cmd.data)
+                        else:
+                            self._replies.append(0)
+                            wire.send(cmd)
                         scripts += sent[0] != "scan"
                         self.most_inflight = max(self.most_inflight, len(self._inflight))
                 if not self._inflight:

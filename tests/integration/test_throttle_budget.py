@@ -195,6 +195,55 @@ def test_a_copy_whose_connection_drops_mid_stream_loses_nothing(
     assert read_shards(r, "dst:{shard}", SHARDS) == model
 
 
+@pytest.mark.parametrize("failing", [(2,), (5, 17, 60)])
+def test_a_copy_whose_send_fails_loses_nothing(
+    r: redis.Redis, insert: str, failing: tuple[int, ...], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A send that raises (the server reset the connection, a full send buffer timed out):
+    its command had already been taken from the copier's queue and was not yet in flight, so
+    nothing sent it again. The copy said it had finished with members missing (the grouped
+    copy, whose first page never completed, ended its first step at cursor 0) or never
+    finished (an audit's fault injection)."""
+    import migrator.stream
+
+    model = seed_hash(r, "src", 6_000)
+    copier = make_copier(insert, r, "src", _shard_keys(), 1000.0)
+    sends = 0
+    real_wire_for = migrator.stream.wire_for
+
+    def failing_wire(conn: Any, spin: Any) -> Any:
+        wire = real_wire_for(conn, spin)
+        send, send_packed = wire.send, wire.send_packed
+
+        def fail_some(real: Any) -> Any:
+            def go(data: Any) -> None:
+                nonlocal sends
+                sends += 1
+                if sends in failing:
+                    raise redis.ConnectionError("injected: connection reset by peer")
+                real(data)
+
+            return go
+
+        wire.send, wire.send_packed = fail_some(send), fail_some(send_packed)
+        return wire
+
+    monkeypatch.setattr(migrator.stream, "wire_for", failing_wire)
+    cursor, errors, steps = "0", 0, 0
+    while True:
+        steps += 1
+        assert steps < 5_000, "the copy never finished"
+        try:
+            cursor = copier.step(cursor, 100).cursor
+        except redis.ConnectionError:
+            errors += 1
+            continue
+        if cursor == "0":
+            break
+    assert errors == len(failing)
+    assert read_shards(r, "dst:{shard}", SHARDS) == model
+
+
 def test_a_source_that_vanishes_mid_copy_stops_it(r: redis.Redis, insert: str) -> None:
     """Expired (its shards expire with it) or deleted outside the shim: inserting what was
     scanned would bring members back in shards without a deadline, so the copy stops."""
