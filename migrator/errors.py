@@ -81,6 +81,11 @@ class SourceVanished(MigratorError):
     """The source key disappeared (expired, or deleted outside the shim) while it was copied."""
 
 
+class ServerRestarted(MigratorError):
+    """The server restarted or failed over while a scan was under way: its cursor means nothing
+    to the new process (each seeds its hash tables afresh), so the scan starts over."""
+
+
 class BarrierTimeout(MigratorError):
     """Live application instances did not acknowledge the published epoch in time."""
 

@@ -21,7 +21,7 @@ from typing import Any, NoReturn, TypeVar, cast
 import redis
 from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_exponential
 
-from migrator import control, keys
+from migrator import control, keys, memory
 from migrator.cleaner import KeyRemover
 from migrator.control import ControlRecord
 from migrator.copier import HashCopier, follow_deadline, hash_copier
@@ -33,6 +33,7 @@ from migrator.errors import (
     MigratorError,
     PreflightError,
     RedisUnavailable,
+    ServerRestarted,
     SourceVanished,
     VerificationFailed,
 )
@@ -363,17 +364,62 @@ class Runner:
         return BatchSizer(self.plan.copy_.batch, self.budget_us, aim=aim)
 
     def _saver(
-        self, stage: str, extra: Callable[[], dict[str, Any]] | None = None
+        self,
+        stage: str,
+        extra: Callable[[], dict[str, Any]] | None = None,
+        *,
+        server: str | None = None,
     ) -> Callable[[str, int, bool], None]:
+        """``server``: the scan's cursors are the server process ``server``'s (its run_id),
+        and no checkpoint is saved once another answers (:meth:`_scan_server`)."""
+
         def save(cursor: str, done: int, finished: bool) -> None:
             # The lease may be another holder's, whose checkpoint this would set back: stop
             # (a silent skip would let the loop end as if its last save had been made).
             check_fence(self._fresh)
+            if server is not None:
+                self._same_server(stage, server)
             self.store.save_checkpoint(
                 self.job, stage, cursor, done, finished=finished, extra=extra() if extra else None
             )
 
         return save
+
+    def _run_id(self) -> str:
+        return str(memory.info(self.client, "server").get("run_id", ""))
+
+    def _scan_server(self, stage: str, saved: str | None) -> tuple[str, bool]:
+        """The server's run_id, and whether a scan checkpointed on ``saved`` (a run_id, None
+        before this release recorded one) must start over: an HSCAN cursor is a position in
+        one process's hash table, which a restarted or failed-over server seeds afresh, so
+        resumed there it would skip members (a quarter of them, measured) and still end."""
+        run_id = self._guard(self._run_id, stage)
+        if saved is not None and saved != run_id:
+            self.store.add_event(
+                self.name,
+                "rescan",
+                to_value="0",
+                detail=f"{stage} scans again from the start: the server restarted or failed "
+                f"over since its checkpoint (run_id {saved[:8]} then, {run_id[:8]} now)",
+            )
+            return run_id, True
+        return run_id, False
+
+    def _same_server(self, stage: str, run_id: str) -> None:
+        """Raise ServerRestarted when the server is no longer the process ``run_id``: redis-py
+        reconnects by itself, and the scan's cursor would go on in a table it does not index."""
+        now = self._guard(self._run_id, stage)
+        if now != run_id:
+            msg = (
+                f"{stage} stopped: the server restarted or failed over (run_id {run_id[:8]} "
+                f"then, {now[:8]} now), and a scan cursor does not carry over"
+            )
+            self.store.update_job(self.name, last_error=msg)
+            raise ServerRestarted(
+                msg,
+                hint="run the same command again (or `migrator run`): the scan starts over "
+                "from the beginning, which redoes nothing harmful",
+            )
 
     def _report(self, stage: str) -> Callable[[Progress], None]:
         def report(p: Progress) -> None:
@@ -507,8 +553,9 @@ class Runner:
                 )
             return copier.step(cursor, count)
 
-        cursor, done = (cp.cursor, cp.members_done) if cp else ("0", 0)
-        if cp:
+        server, again = self._scan_server("copy", cp.extra.get("server") if cp else None)
+        cursor, done = (cp.cursor, cp.members_done) if cp and not again else ("0", 0)
+        if cp and not again:
             self.store.add_event(
                 self.name,
                 "resume",
@@ -523,7 +570,9 @@ class Runner:
             total=total,
             sizer=sizer,
             pacer=self.pacer(also=[shims]),
-            save=self._saver("copy", lambda: {"insert": copier.insert}),
+            save=self._saver(
+                "copy", lambda: {"insert": copier.insert, "server": server}, server=server
+            ),
             report=self._report("copy"),
         )
 
@@ -559,6 +608,11 @@ class Runner:
             assert cp is not None
             state = dict(cp.extra)
             run, cursor, done = int(state["run"]), cp.cursor, cp.members_done
+        server, again = self._scan_server("verify", None if new_run else state.get("server"))
+        if again:  # the pass under way starts over; the passes before it stand
+            p = int(state["pass"])
+            cursor, done = "0", (0 if p == 0 else int(state.get("shard_checked", 0)))
+        state["server"] = server
         report = VerifyReport(run)
 
         def sink(found: list[Found]) -> None:
@@ -570,7 +624,7 @@ class Runner:
             state["marks_removed"] = marks_before + verifier.marks_removed
             return dict(state)
 
-        save = self._saver("verify", extra)
+        save = self._saver("verify", extra, server=server)
         if new_run:
             # Saved before the first batch: until then status would show the last run's
             # finished checkpoint, and no hold (a pause, a gate) that keeps this one waiting.

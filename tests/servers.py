@@ -114,32 +114,44 @@ class RedisServer:
         self.dir = tempfile.mkdtemp(prefix="migrator-redis-")
         for _attempt in range(5):
             self.port = free_port()
-            args = [
-                self.binary.path,
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                self.dir,
-                "--daemonize",
-                "no",
-                "--loglevel",
-                "warning",
-                "--logfile",
-                os.path.join(self.dir, "server.log"),
-            ]
-            for k, v in self.config.items():
-                args += [f"--{k}", *v.split(" ")] if k == "rename-command" else [f"--{k}", v]
-            self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            if self._wait_ready():
+            if self._spawn():
                 return self
             self.stop()
         raise RuntimeError(f"could not start {self.binary.path}; see {self.dir}/server.log")
+
+    def restart(self) -> RedisServer:
+        """A new server process on the same port with the same data (SAVE, then loaded at
+        start): what a restart or a failover looks like to clients, run_id and all."""
+        self.client().save()
+        self.stop()
+        if not self._spawn():
+            raise RuntimeError(f"could not restart {self.binary.path}; see {self.dir}/server.log")
+        return self
+
+    def _spawn(self) -> bool:
+        args = [
+            self.binary.path,
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            self.dir,
+            "--daemonize",
+            "no",
+            "--loglevel",
+            "warning",
+            "--logfile",
+            os.path.join(self.dir, "server.log"),
+        ]
+        for k, v in self.config.items():
+            args += [f"--{k}", *v.split(" ")] if k == "rename-command" else [f"--{k}", v]
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        return self._wait_ready()
 
     def _wait_ready(self) -> bool:
         deadline = time.monotonic() + 10

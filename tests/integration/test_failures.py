@@ -233,3 +233,74 @@ def test_a_runner_paused_past_its_lease_writes_nothing_when_it_wakes(
     assert r.exists(*shard_keys) == 0, "the woken runner wrote after its lease expired"
     assert json.loads(r.get(keys.lock(JOB)) or b"{}") == other  # not released over the other
     assert 0 < job_state(state_url)["checkpoints"]["copy"].members_done < 200_000
+
+
+def test_a_server_restarted_mid_copy_makes_the_copy_scan_again_from_the_start(
+    redis_server: RedisServer, r: redis.Redis, tmp_path: Path, state_url: str
+) -> None:
+    """An HSCAN cursor is a position in one process's hash tables, which a restarted (or
+    failed-over) server seeds afresh: resumed there, the copy skipped about a quarter of the
+    key and still finished (an audit's reproduction). The runner notices the new run_id at its
+    next checkpoint and stops; run again, the copy starts over (its inserts are idempotent)."""
+    from tests.integration.helpers import read_shards
+
+    model = seed_hash(r, "big:hash", 60_000)
+    plan = write_plan(tmp_path / "p.yaml", redis_server.url, extra="copy: {rate: 20000}\n")
+    env = cli_env(state_url)
+    apply = migrator_popen("plan", "apply", str(plan), "--allow-no-instances", env=env)
+    try:
+
+        def copying() -> bool:
+            cp = job_state(state_url)["checkpoints"].get("copy")
+            return cp is not None and cp.members_done > 15_000
+
+        eventually(copying, 30, "the copy got going")
+        redis_server.restart()
+        _out, err = apply.communicate(timeout=60)
+    finally:
+        if apply.poll() is None:
+            apply.kill()
+    assert apply.returncode == 1, err
+    assert "the server restarted or failed over" in err and "Traceback" not in err, err
+    state = job_state(state_url)
+    assert state["phase"] == "copying" and not state["checkpoints"]["copy"].finished
+    r = redis_server.client()
+    res = run_cli("plan", "apply", str(plan), "--allow-no-instances", env=env, timeout=120)
+    assert res.returncode == 0, res.stderr  # verify found nothing missing
+    assert read_shards(r, "big:{shard}", 8) == model
+    [event] = [e for e in commands.history(JOB, state_url=state_url) if e.kind == "rescan"]
+    assert "copy scans again from the start" in (event.detail or "")
+
+
+def test_a_server_restarted_mid_verify_makes_its_pass_start_over(
+    redis_server: RedisServer, r: redis.Redis, tmp_path: Path, state_url: str
+) -> None:
+    """Verify's passes are scans too: resumed at a cursor of the server before its restart,
+    the pass skipped members unchecked. The pass under way starts over; the counts stay those
+    of one walk."""
+    seed_hash(r, "big:hash", 40_000)
+    plan = write_plan(tmp_path / "p.yaml", redis_server.url)
+    env = cli_env(state_url)
+    assert run_cli("plan", "apply", str(plan), "--allow-no-instances", env=env).returncode == 0
+    commands.set_rate(JOB, 15_000, state_url=state_url)
+    verify = migrator_popen("verify", JOB, "--rounds", "1", env=env)
+    try:
+
+        def walking() -> bool:
+            cp = job_state(state_url)["checkpoints"].get("verify")
+            return cp is not None and not cp.finished and cp.members_done > 10_000
+
+        eventually(walking, 30, "the verify pass got going")
+        redis_server.restart()
+        _out, err = verify.communicate(timeout=60)
+    finally:
+        if verify.poll() is None:
+            verify.kill()
+    assert verify.returncode == 1 and "restarted or failed over" in err, err
+    commands.set_rate(JOB, 0, state_url=state_url)
+    res = run_cli("verify", JOB, "--rounds", "1", "--json", env=env, timeout=120)
+    assert res.returncode == 0, res.stderr
+    report = json.loads(res.stdout)
+    assert report["source_checked"] == 40_000 and report["shard_checked"] == 40_000, report
+    [event] = [e for e in commands.history(JOB, state_url=state_url) if e.kind == "rescan"]
+    assert "verify scans again from the start" in (event.detail or "")
