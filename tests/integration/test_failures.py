@@ -268,8 +268,9 @@ def test_a_server_restarted_mid_copy_makes_the_copy_scan_again_from_the_start(
     res = run_cli("plan", "apply", str(plan), "--allow-no-instances", env=env, timeout=120)
     assert res.returncode == 0, res.stderr  # verify found nothing missing
     assert read_shards(r, "big:{shard}", 8) == model
-    [event] = [e for e in commands.history(JOB, state_url=state_url) if e.kind == "rescan"]
-    assert "copy scans again from the start" in (event.detail or "")
+    # (A shim-protocol check that failed while the server was down may add a rescan of its own.)
+    rescans = [e.detail or "" for e in commands.history(JOB, state_url=state_url)]
+    assert sum("copy scans again from the start" in d for d in rescans) == 1, rescans
 
 
 def test_a_server_restarted_mid_verify_makes_its_pass_start_over(
@@ -302,5 +303,5 @@ def test_a_server_restarted_mid_verify_makes_its_pass_start_over(
     assert res.returncode == 0, res.stderr
     report = json.loads(res.stdout)
     assert report["source_checked"] == 40_000 and report["shard_checked"] == 40_000, report
-    [event] = [e for e in commands.history(JOB, state_url=state_url) if e.kind == "rescan"]
-    assert "verify scans again from the start" in (event.detail or "")
+    rescans = [e.detail or "" for e in commands.history(JOB, state_url=state_url)]
+    assert sum("verify scans again from the start" in d for d in rescans) == 1, rescans
