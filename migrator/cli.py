@@ -378,7 +378,9 @@ def verify(
         for status in ("confirmed", "repaired") if repair else ("confirmed",):
             listed += commands.diffs(name, state_url=state_url, run=report.run, status=status)
     if as_json:
-        click.echo(json.dumps({**report.as_dict(), "differences": listed}, indent=2))
+        # Listed only with --show: without it, null (not [], which reads as "none found").
+        shown = listed if show else None
+        click.echo(json.dumps({**report.as_dict(), "differences": shown}, indent=2))
     else:
         click.echo(
             f"verify run {report.run}: {report.source_checked} source and "

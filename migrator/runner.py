@@ -10,6 +10,7 @@ record for the stored phase before doing anything else.
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import threading
 import time
@@ -723,7 +724,9 @@ class Runner:
             self.name,
             "verify",
             to_value=str(run),
-            detail=f"{'clean' if report.clean else 'differences'}: {report.as_dict()}",
+            # JSON, as `history --json` passes the detail on as it is.
+            detail=f"{'clean' if report.clean else 'differences'}: "
+            + json.dumps(report.as_dict(), sort_keys=True),
         )
         return report
 

@@ -105,6 +105,10 @@ def test_injected_differences_are_found_stored_shown_and_repaired(
     res = run_cli("verify", JOB, "--json", "--delay", "0.1", env=env)
     assert res.returncode == 0, res.stderr
     assert json.loads(res.stdout)["confirmed"] == {}
+    assert json.loads(res.stdout)["differences"] is None  # not asked for (--show): not []
+    # The run's event carries its report as JSON (history --json passes it on).
+    [*_, ended] = [e for e in commands.history(JOB, state_url=state_url) if e.kind == "verify"]
+    assert json.loads((ended.detail or "").removeprefix("clean: "))["clean"] is True
     assert job_state(state_url)["phase"] == "verified"
     assert read_shards(r, TEMPLATE, SHARDS) == model
     assert read_hash(r, SOURCE) == model  # repair never touches the source
