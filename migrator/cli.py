@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import signal
 import sys
 import threading
@@ -299,12 +300,10 @@ def set_ratio(args: tuple[str, ...], force: bool, state_url: str | None) -> None
     if len(args) > 2:
         raise click.UsageError("expected [NAME] PERCENT")
     name = args[0] if len(args) == 2 else None
-    try:
-        percent = int(args[-1])
-    except ValueError:
-        raise click.BadParameter(
-            f"{args[-1]!r} is not a whole percentage", param_hint="PERCENT"
-        ) from None
+    # Digits only: int() also takes "+10", "1_0" and other scripts' digits.
+    if not re.fullmatch(r"[0-9]{1,3}", args[-1]):
+        raise click.BadParameter(f"{args[-1]!r} is not a whole percentage", param_hint="PERCENT")
+    percent = int(args[-1])
     if not 0 <= percent <= 100:
         raise click.BadParameter(f"{percent} is outside 0..100", param_hint="PERCENT")
     job = commands.set_ratio(percent, name=name, state_url=state_url, force=force)

@@ -15,11 +15,18 @@ import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+)
 
 from migrator.errors import PlanError
 from migrator.routing import HASH_FUNCTIONS
@@ -32,6 +39,18 @@ _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _not_a_flag(v: Any) -> Any:
+    # pydantic reads true as 1 (and YAML reads yes and on as true): `rate: on` would be a
+    # ceiling of 1 member/s, `shards: true` "at least 2". A flag is not a number.
+    if isinstance(v, bool):
+        raise ValueError(f"a number, not {str(v).lower()}")
+    return v
+
+
+Int = Annotated[int, BeforeValidator(_not_a_flag)]
+Float = Annotated[float, BeforeValidator(_not_a_flag)]
 
 
 class RedisSpec(_Strict):
@@ -71,7 +90,7 @@ class SourceSpec(_Strict):
 
 class TargetSpec(_Strict):
     key: str
-    shards: int = Field(ge=2, le=16384)
+    shards: Int = Field(ge=2, le=16384)
     hash: str = "crc32"
 
     @field_validator("key")
@@ -98,14 +117,14 @@ class TargetSpec(_Strict):
 
 
 class CopySpec(_Strict):
-    batch: int = Field(default=500, ge=1, le=100_000)
-    rate: float = Field(default=0, ge=0, allow_inf_nan=False)
-    max_command_ms: float = Field(default=1.0, gt=0, le=1000, allow_inf_nan=False)
+    batch: Int = Field(default=500, ge=1, le=100_000)
+    rate: Float = Field(default=0, ge=0, allow_inf_nan=False)
+    max_command_ms: Float = Field(default=1.0, gt=0, le=1000, allow_inf_nan=False)
 
 
 class GraySpec(_Strict):
     bucketing: Literal["sticky", "random"] = "sticky"
-    shadow_sample: float = Field(default=0.0, ge=0.0, le=1.0, allow_inf_nan=False)
+    shadow_sample: Float = Field(default=0.0, ge=0.0, le=1.0, allow_inf_nan=False)
 
 
 class CleanupSpec(_Strict):

@@ -200,6 +200,10 @@ def test_a_bad_runner_setting_is_refused_before_anything_is_written(
 
 
 VERB_CASES = {
+    # int() takes these too: "1_0" is 10, "+10" is 10, "٣" is 3.
+    "underscored-ratio": (["set-ratio", "t-job", "1_0"], "'1_0' is not a whole percentage"),
+    "arabic-indic-ratio": (["set-ratio", "t-job", "٣"], "is not a whole percentage"),
+    "ratio-over-100": (["set-ratio", "t-job", "101"], "101 is outside 0..100"),
     "infinite-rate": (["set-rate", "t-job", "inf"], "'inf' is not a number of at least 0"),
     "nan-rate": (["set-rate", "t-job", "nan"], "'nan' is not a number of at least 0"),
     "negative-delay": (["verify", "t-job", "--delay", "-1"], "'-1' is not a number of at least 0"),

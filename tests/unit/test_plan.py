@@ -68,6 +68,9 @@ def test_secrets_are_masked() -> None:
         ),
         (GOOD.replace("name: user-info-split\n", ""), "name: field required"),
         (GOOD + "surprise: 1\n", "surprise: unknown field"),
+        # A flag is not a number (pydantic read true as 1: a ceiling of 1 member/s).
+        (GOOD + "copy: {rate: on}\n", "copy.rate: a number, not true"),
+        (GOOD.replace("shards: 100", "shards: yes"), "target.shards: a number, not true"),
         # PyYAML keeps the last of two equal keys: the plan would silently be another one.
         (GOOD + "name: other-job\n", "'name' is given twice in one mapping"),
         (
