@@ -500,11 +500,17 @@ def run(interval: float, once: bool, barrier_timeout: float, state_url: str | No
         )
 
 
+_GAVE_UP = (
+    "interrupted: gave up without waiting for the batch in flight\n  hint: the checkpoint "
+    "saved last stands; run the same command again (or `migrator run`) to resume there"
+)
+
+
 def main() -> None:
     try:
         cli.main(standalone_mode=False)
-    except click.exceptions.Abort:
-        click.echo("aborted", err=True)
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        click.echo(_GAVE_UP, err=True)
         sys.exit(130)
     except click.ClickException as e:
         e.show()
@@ -521,6 +527,3 @@ def main() -> None:
             err=True,
         )
         sys.exit(1)
-    except KeyboardInterrupt:
-        click.echo("interrupted", err=True)
-        sys.exit(130)
