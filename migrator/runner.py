@@ -550,7 +550,7 @@ class Runner:
                     "rescan",
                     to_value=cursor,
                     detail=f"copy scans again from cursor {cursor}: a shim without delete "
-                    "marks was live",
+                    "marks was live, or its absence could not be checked",
                 )
             return copier.step(cursor, count)
 
