@@ -64,7 +64,8 @@ class PauseFileGate(Gate):
     interval = 0.25
 
     def __init__(self, paths: Sequence[Path]) -> None:
-        self.paths = list(paths)
+        # Absolute, as status shows them: an operator in another directory touches this file.
+        self.paths = [p.absolute() for p in paths]
 
     def check(self) -> str | None:
         for p in self.paths:

@@ -202,6 +202,15 @@ def test_pause_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     (tmp_path / "ops" / "hold").unlink()
     (tmp_path / "pause-other-job").touch()  # another job's file
     assert gate.check() is None
+    # Relative paths (a relative $MIGRATOR_PAUSE_FILE, the default sqlite:///.migrator/...)
+    # are the runner's working directory's: shown absolute, as the operator must touch them.
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MIGRATOR_PAUSE_FILE", "hold")
+    gate = PauseFileGate(pause_files("a-job", "sqlite:///.migrator/state.db"))
+    monkeypatch.chdir(tmp_path / "ops")  # the runner's own directory is what counts
+    (tmp_path / ".migrator").mkdir()
+    (tmp_path / ".migrator" / "pause").touch()
+    assert gate.check() == f"pause file {tmp_path / '.migrator' / 'pause'}"
 
 
 def test_default_gates(r: redis.Redis, tmp_path: Path) -> None:
