@@ -998,7 +998,9 @@ class Runner:
         """Every shard's deadline made the source's (copier.follow_deadline)."""
         source = self.plan.source.key
         check_fence(self._fresh)
-        return self._guard(lambda: follow_deadline(self.scripts, source, self.shard_keys), what)
+        return self._guard(
+            lambda: follow_deadline(self.scripts, source, self.shard_keys, self.budget_us), what
+        )
 
     def _old_retired(self) -> bool:
         cp = self.store.get_checkpoint(self.job, "retire")

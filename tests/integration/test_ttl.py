@@ -242,3 +242,25 @@ def test_shard_keys_empty_at_verify_do_not_hold_cleanup_back(
     assert len(data_keys(r) - {SOURCE}) <= 2
     commands.set_ratio(100, name="t-job", state_url=state_url)
     assert commands.cleanup("t-job", state_url=state_url).phase == "done"
+
+
+def test_shard_deadlines_are_followed_in_scripts_sized_to_the_budget(r: redis.Redis) -> None:
+    """Each shard whose deadline changes costs a script about 5 µs: 64 of them a script was
+    over 300 µs, past any budget under a third of a millisecond, which plans may set."""
+    from migrator.copier import follow_deadline
+    from migrator.redisio import Scripts
+
+    r.hset("src", "a", "1")
+    r.pexpire("src", 60_000)
+    shards = [f"dst:{i}" for i in range(10)]
+    for k in shards:
+        r.hset(k, "a", "1")
+    scripts = Scripts(r)
+    scripts.load("hash_follow_ttl")
+    r.config_set("slowlog-log-slower-than", 0)
+    r.slowlog_reset()
+    assert follow_deadline(scripts, "src", shards, budget_us=50.0) == 10
+    sent = [e["command"] for e in r.slowlog_get(100) if e["command"].startswith(b"EVALSHA")]
+    assert len(sent) == 4, sent  # 3 shards a script (30% of 50 µs at 5 µs a shard), then 1
+    assert all(r.pexpiretime(k) == r.pexpiretime("src") for k in shards)
+    assert follow_deadline(scripts, "src", shards) == 0  # followed already; 1 ms: one script
