@@ -823,10 +823,13 @@ class Runner:
                 if job.phase == P.VERIFYING
                 else ""
             )
-            raise IllegalTransition(
-                f"job {self.name} is in phase {job.phase}; the read ratio can move only once the "
-                f"job is verified{hint}"
-            )
+            if job.phase in (P.CLEANING, P.DONE):
+                why = "reads go to the shards only once cleanup has begun"
+            elif job.phase in (P.ROLLING_BACK, P.ROLLED_BACK):
+                why = "a rolled-back job reads the old key only (apply its plan again to retry)"
+            else:
+                why = f"the read ratio can move only once the job is verified{hint}"
+            raise IllegalTransition(f"job {self.name} is in phase {job.phase}; {why}")
         target = phase_for_ratio(ratio) if ratio > 0 or job.phase != P.VERIFIED else P.VERIFIED
         detail = "set-ratio --force" if force and job.phase == P.VERIFYING else "set-ratio"
         if target == job.phase:

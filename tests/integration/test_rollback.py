@@ -142,6 +142,8 @@ def test_rollback_is_refused_once_cleanup_started_and_reapply_works_after_it(
     res = run_cli("rollback", JOB, env=env)
     assert res.returncode == 2
     assert "only before cleanup" in res.stderr
+    res = run_cli("set-ratio", JOB, "50", env=env)
+    assert res.returncode == 2 and "reads go to the shards only once cleanup" in res.stderr
     assert job_state(state_url)["phase"] == "done"
 
 
@@ -223,6 +225,8 @@ def test_a_paused_job_still_rolls_back_and_a_reapply_audits_its_flag(
         res = run_cli(*verb, env=env)
         assert res.returncode == 2 and "is rolled_back: it has no work left" in res.stderr, res
     assert len(commands.history(JOB, state_url=state_url)) == before
+    res = run_cli("set-ratio", JOB, "10", env=env)
+    assert res.returncode == 2 and "a rolled-back job reads the old key only" in res.stderr
 
     def flags() -> int:
         return sum(
