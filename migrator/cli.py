@@ -488,6 +488,7 @@ def run(interval: float, once: bool, barrier_timeout: float, state_url: str | No
         stream=sys.stderr,
     )
     logging.getLogger("apscheduler").setLevel(logging.WARNING)
+    logging.getLogger("alembic").setLevel(logging.WARNING)  # its "Context impl" lines each start
     with stop_on_signals() as stop:
         failed = scheduler.run(
             state_url, stop=stop, interval=interval, once=once, barrier_timeout=barrier_timeout
