@@ -270,7 +270,11 @@ def _fmt_status(s: dict[str, Any]) -> str:
 @cli.command()
 @click.argument("name", required=False)
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
-@click.option("--watch", is_flag=True, help="refresh every second until interrupted")
+@click.option(
+    "--watch",
+    is_flag=True,
+    help="refresh every second until interrupted (with --json: one document a line)",
+)
 @state_option
 def status(name: str | None, as_json: bool, watch: bool, state_url: str | None) -> None:
     """Phase, ratio, progress, rate, ETA, throttle reason, app instances, shim counters."""
@@ -279,7 +283,8 @@ def status(name: str | None, as_json: bool, watch: bool, state_url: str | None) 
     while True:
         jobs = commands.status(state_url, name)
         if as_json:
-            click.echo(json.dumps(jobs[0] if name else jobs, indent=2))
+            # Watched, one compact document a line (JSON Lines): a stream a reader can split.
+            click.echo(json.dumps(jobs[0] if name else jobs, indent=None if watch else 2))
         elif not jobs:
             click.echo("no jobs")
         else:

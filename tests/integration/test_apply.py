@@ -151,6 +151,19 @@ def test_status_json_via_cli(
     assert st["copy_insert"].startswith(("HSETNX, one member", "HSETEX FNX, up to"))
     text = run_cli("status", "t-job", "--state", state_url).stdout
     assert f"copy inserts: {st['copy_insert']}" in text
+    # Watched: one compact document a line, each one parseable (they were indented documents
+    # back to back, which no reader could split).
+    watch = subprocess.Popen(
+        [sys.executable, "-m", "migrator", "status", "t-job", "--json", "--watch"]
+        + ["--state", state_url],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    time.sleep(2.5)
+    watch.send_signal(signal.SIGINT)
+    out, _ = watch.communicate(timeout=10)
+    docs = [json.loads(line) for line in out.splitlines() if line.strip()]
+    assert len(docs) >= 2 and all(d["phase"] == "verified" for d in docs), out
 
 
 def _copy_checkpoint(state_url: str) -> tuple[str, int] | None:
