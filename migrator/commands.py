@@ -293,7 +293,8 @@ def _status_of(store: Store, job: Job) -> dict[str, Any]:
     try:
         client = connect(plan.redis.url, name=f"migrator:{job.name}:status")
     except Exception as e:  # status must still show the store's view when Redis is down
-        out["redis"] = f"unreachable: {e}"
+        # One line (the message without its hint): the human status shows it in one.
+        out["redis"] = f"unreachable: {getattr(e, 'message', e)}"
         return out
     try:
         out["redis"] = "ok"

@@ -305,3 +305,16 @@ def test_a_server_restarted_mid_verify_makes_its_pass_start_over(
     assert report["source_checked"] == 40_000 and report["shard_checked"] == 40_000, report
     rescans = [e.detail or "" for e in commands.history(JOB, state_url=state_url)]
     assert sum("verify scans again from the start" in d for d in rescans) == 1, rescans
+
+
+def test_status_with_redis_down_shows_the_stores_view_and_one_line_why(
+    redis_server: RedisServer, r: redis.Redis, tmp_path: Path, state_url: str
+) -> None:
+    seed_hash(r, "big:hash", 500)
+    plan = write_plan(tmp_path / "p.yaml", redis_server.url)
+    commands.apply(str(plan), state_url=state_url, allow_no_instances=True)
+    redis_server.stop()
+    [st] = commands.status(state_url, JOB)
+    assert st["phase"] == "verified" and st["total"] == 500  # the store's view
+    assert st["redis"].startswith("unreachable: cannot reach Redis at redis://"), st["redis"]
+    assert "\n" not in st["redis"]  # the hint, on lines of its own, broke the human status
