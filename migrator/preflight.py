@@ -121,7 +121,8 @@ def check_shards_free(client: redis.Redis, plan: Plan) -> None:
         shown = ", ".join(repr(k) for k in taken[:3]) + (" ..." if len(taken) > 3 else "")
         raise PreflightError(
             f"{len(taken)} shard key(s) of target.key {plan.target.key!r} already exist: {shown}",
-            hint="choose another target.key, or remove those keys if they are leftovers",
+            hint="choose another target.key, or remove those keys if they are leftovers (a job "
+            "refused in planned may be rolled back: it removes no key it never wrote)",
         )
 
 

@@ -858,8 +858,26 @@ class Runner:
         with self.leased("rollback", preempting=True):
             self.publish()
             self.barrier("rollback")
+            if self._rolling_back_from(P.PLANNED):
+                # The job wrote no shard key (shims write the old key alone in planned): any
+                # that exists is someone else's, which its preflight refused to mix with.
+                return self.move(
+                    P.ROLLED_BACK,
+                    detail="no shard key removed: rolled back from planned, none was written",
+                    expect=P.ROLLING_BACK,
+                )
             self._guard(lambda: self._remove_keys("rollback", self.shard_keys), "rollback")
             return self.move(P.ROLLED_BACK, detail="shard keys removed", expect=P.ROLLING_BACK)
+
+    def _rolling_back_from(self, phase: Phase) -> bool:
+        """Whether the move to rolling_back under way came from ``phase`` (its audited move,
+        written with it, says so: also for a rollback resumed by another process)."""
+        moves = [
+            e
+            for e in self.store.history(self.name)
+            if e.kind == "phase" and e.to_value == P.ROLLING_BACK.value
+        ]
+        return bool(moves) and moves[-1].from_value == phase.value
 
     def _republish_finished(self, purpose: str) -> Job:
         """The job is finished (rolled_back, done): running its last verb again publishes its

@@ -375,6 +375,10 @@ def test_a_job_left_in_planned_is_preflighted_again_before_it_writes(
         store.close()
     assert r.hgetall("big:1") == {b"foreign": b"precious"}
     assert not r.exists("big:0", "big:2", "big:3")
+    # The way out the refusal points at: a rollback from planned removes no shard key (it
+    # wrote none); it used to remove them all, the foreign one too.
+    assert commands.rollback("t-job", state_url=state_url).phase == "rolled_back"
+    assert r.hgetall("big:1") == {b"foreign": b"precious"}
 
 
 def test_a_stop_requested_before_the_copy_registers_and_moves_nothing(
