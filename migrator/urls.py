@@ -35,14 +35,14 @@ def mask_url(url: str) -> str:
     if not sep:
         scheme, rest = "", url
     at = rest.rfind("@")
-    if at >= 0:
-        user, colon, _secret = rest[:at].partition(":")
-        if colon:
-            rest = f"{user}:***{rest[at:]}"
-    head, q, query = rest[max(at, 0) :].partition("?")
+    userinfo, after = (rest[:at], rest[at:]) if at >= 0 else ("", rest)
+    user, colon, _secret = userinfo.partition(":")
+    if colon:
+        userinfo = f"{user}:***"
+    head, q, query = after.partition("?")
     if q:
-        rest = rest[: max(at, 0)] + head + _QUERY_OPTION.sub(_mask_option, q + query)
-    return f"{scheme}{sep}{rest}"
+        after = head + _QUERY_OPTION.sub(_mask_option, q + query)
+    return f"{scheme}{sep}{userinfo}{after}"
 
 
 def _mask_option(m: re.Match[str]) -> str:

@@ -47,6 +47,9 @@ def test_secrets_are_masked() -> None:
         == "rediss://h:1/0?ssl_password=***&PASSWORD=***&passwd=***&db=2&socket_timeout="
     )
     assert mask_url("redis://u:a?b@h/0?password=x") == "redis://u:***@h/0?password=***"
+    # A password longer than what follows it: the query is found in the URL as given.
+    long = "redis://default:twenty-characters-pw@10.0.0.5:6379/0?ssl_password=K&password=P"
+    assert mask_url(long) == "redis://default:***@10.0.0.5:6379/0?ssl_password=***&password=***"
     for url in ("rediss://h:1/0?ssl_password=Key", "redis://h:1/0?PASSWORD=Pw"):
         with pytest.raises(PlanError) as e:
             parse_plan(GOOD.replace("${REDIS_URL:-redis://127.0.0.1:6379/0}", url), env={})
