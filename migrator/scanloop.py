@@ -8,11 +8,14 @@ cursor whose batch Redis has acknowledged, so resuming from any saved one loses 
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from migrator.throttle import BatchSizer, Pacer
+
+log = logging.getLogger("migrator.scanloop")
 
 
 @dataclass(frozen=True)
@@ -85,8 +88,13 @@ def drive(
             pacer.after_batch(result.members, waiting)
     except BaseException:
         # Whatever stopped us (a stop request, a Redis error that outlived its retries), the
-        # last acknowledged cursor is kept so the work resumes there.
+        # last acknowledged cursor is kept so the work resumes there. A save that fails too
+        # (the store down, the server it checks gone) leaves the last periodic one, and the
+        # error that stopped the loop is the one raised.
         if not ended:
-            save(cursor, done, False)
+            try:
+                save(cursor, done, False)
+            except Exception as e:  # noqa: BLE001 - the first error is the news
+                log.warning("%s: the checkpoint could not be saved on the way out: %s", stage, e)
         raise
     return done

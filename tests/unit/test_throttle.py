@@ -194,3 +194,30 @@ def test_drive_keeps_the_end_it_saved_when_a_later_report_fails() -> None:
             report=report,
         )
     assert saves == [("0", 7, True)]
+
+
+def test_a_save_that_fails_on_the_way_out_leaves_the_stop_as_the_error() -> None:
+    """The loop stopped (here Ctrl-C); its save on the way out fails too (the store, or the
+    server whose identity each save now checks, is gone): the stop is what is raised, not
+    the save's error, which used to replace it (another exit code and message)."""
+    stop = threading.Event()
+
+    def step(cursor: str, count: int) -> Step:
+        stop.set()  # Ctrl-C during the step
+        return Step("41", 7, 1.0)
+
+    def save(cursor: str, done: int, finished: bool) -> None:
+        raise RuntimeError("Redis is down: cannot ask the server who it is")
+
+    with pytest.raises(Interrupted, match="stopped on request"):
+        drive(
+            step,
+            stage="copy",
+            cursor="0",
+            done=0,
+            total=None,
+            sizer=BatchSizer(100, 1000.0),
+            pacer=Pacer(0, stop=stop),
+            save=save,
+            save_every=3600,
+        )
