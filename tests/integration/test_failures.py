@@ -244,7 +244,8 @@ def test_a_server_restarted_mid_copy_makes_the_copy_scan_again_from_the_start(
     next checkpoint and stops; run again, the copy starts over (its inserts are idempotent)."""
     from tests.integration.helpers import read_shards
 
-    model = seed_hash(r, "big:hash", 60_000)
+    # 100,000 at 20,000/s: the restart lands with over 4 s of the copy left.
+    model = seed_hash(r, "big:hash", 100_000)
     plan = write_plan(tmp_path / "p.yaml", redis_server.url, extra="copy: {rate: 20000}\n")
     env = cli_env(state_url)
     apply = migrator_popen("plan", "apply", str(plan), "--allow-no-instances", env=env)
