@@ -95,7 +95,7 @@ def stop_on_signals() -> Iterator[threading.Event]:
 
     def handler(signum: int, _frame: Any) -> None:
         if stop.is_set():  # a second signal: give up at once
-            raise KeyboardInterrupt
+            raise GaveUp
         click.echo(f"\n{signal.Signals(signum).name}: finishing the current batch...", err=True)
         stop.set()
 
@@ -106,6 +106,10 @@ def stop_on_signals() -> Iterator[threading.Event]:
     finally:
         for signum, h in previous.items():
             signal.signal(signum, h)
+
+
+class GaveUp(KeyboardInterrupt):
+    """A second SIGINT/SIGTERM during a work verb: stop now, not after the batch in flight."""
 
 
 @contextmanager
@@ -515,8 +519,10 @@ _GAVE_UP = (
 def main() -> None:
     try:
         cli.main(standalone_mode=False)
-    except (click.exceptions.Abort, KeyboardInterrupt):
-        click.echo(_GAVE_UP, err=True)
+    except (click.exceptions.Abort, KeyboardInterrupt) as e:
+        # Click turns a KeyboardInterrupt into Abort; a work verb's second signal is GaveUp.
+        gave_up = isinstance(e, GaveUp) or isinstance(e.__cause__, GaveUp)
+        click.echo(_GAVE_UP if gave_up else "interrupted", err=True)
         sys.exit(130)
     except click.ClickException as e:
         e.show()

@@ -157,14 +157,17 @@ def test_status_json_via_cli(
         [sys.executable, "-m", "migrator", "status", "t-job", "--json", "--watch"]
         + ["--state", state_url],
         stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
     )
     assert watch.stdout is not None
     lines = [watch.stdout.readline() for _ in range(2)]  # two refreshes, however slow
     watch.send_signal(signal.SIGINT)
-    out, _ = watch.communicate(timeout=30)
+    out, err = watch.communicate(timeout=30)
     docs = [json.loads(line) for line in lines + out.splitlines() if line.strip()]
     assert len(docs) >= 2 and all(d["phase"] == "verified" for d in docs), lines
+    # Ctrl-C is how a watch ends: no word of batches or checkpoints, which it has none of.
+    assert watch.returncode == 130 and err.strip() == "interrupted", err
 
 
 def _copy_checkpoint(state_url: str) -> tuple[str, int] | None:
