@@ -264,6 +264,8 @@ class _PlanLoader(yaml.SafeLoader):
         # PyYAML keeps the last of two equal keys: `shards: 4` then `shards: 400` would be 400.
         seen: set[Any] = set()
         for key_node, _value in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # `<<: *defaults`: merged keys may be given again, to override them
             key = self.construct_object(key_node, deep=True)
             if isinstance(key, str | int | float | bool) and key in seen:
                 raise yaml.constructor.ConstructorError(

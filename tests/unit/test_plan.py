@@ -311,3 +311,13 @@ def test_a_set_or_zset_source_is_refused_by_validation_not_only_by_apply(kind: s
         parse_plan(text, env={})
     assert f"source.type: {kind} sources are in the plan format" in str(e.value)
     assert e.value.exit_code == 2
+
+
+def test_yaml_merge_keys_still_work_beside_the_duplicate_key_check() -> None:
+    """A merged key given again overrides it, as YAML says: not a key given twice."""
+    text = (
+        "name: a-job\nsource: {key: k}\ntarget: {key: 'x:{shard}', shards: 4}\n"
+        "copy: {<<: {batch: 200, rate: 100}, rate: 50}\n"
+    )
+    plan = parse_plan(text, env={})
+    assert (plan.copy_.batch, plan.copy_.rate) == (200, 50.0)
