@@ -115,7 +115,11 @@ def apply(
             preflight(
                 client,
                 plan,
-                allow_no_instances=allow_no_instances,
+                # A job left in planned is resumed: the first apply's flag stands.
+                allow_no_instances=allow_no_instances
+                or bool(
+                    existing and existing.phase == Phase.PLANNED and existing.allow_no_instances
+                ),
                 force=force,
                 own=(existing.epoch, existing.salt) if existing else None,
             )

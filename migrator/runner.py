@@ -481,8 +481,10 @@ class Runner:
         with self.leased("apply"):
             self.publish()
             while True:
-                check_stop(self.stop)  # a Ctrl-C before the copy began moves nothing on
                 phase = self.refresh().phase
+                if phase not in (P.PLANNED, P.DUAL_WRITE, P.COPYING, P.VERIFYING):
+                    return self.job  # verified (or past it): a late Ctrl-C changes nothing
+                check_stop(self.stop)  # a Ctrl-C before the copy began moves nothing on
                 if phase == P.PLANNED:
                     self._refuse_taken_shards()
                     self.move(P.DUAL_WRITE, detail="plan apply", expect=phase)
@@ -505,8 +507,6 @@ class Runner:
                             hint=f"migrator verify {self.name} --show / --repair",
                         )
                     self.move(P.VERIFIED, detail=f"verify run {report.run} clean", expect=phase)
-                else:
-                    return self.job
 
     def _refuse_taken_shards(self) -> None:
         """In planned the job has written no shard key yet. plan apply's preflight refuses

@@ -421,3 +421,18 @@ def test_a_stop_requested_before_the_copy_registers_and_moves_nothing(
     finally:
         store.close()
     assert r.keys("big:[0-9]*") == []
+    # Resumed without --allow-no-instances: the first apply's flag stands for the job it made
+    # (the hint says "run plan apply FILE again", with no flags).
+    res = run_cli("plan", "apply", str(plan), "--state", state_url)
+    assert res.returncode == 0, res.stderr
+    assert "phase verified" in res.stdout
+    # A stop that comes once the job is verified changes nothing: apply's work is done.
+    store = open_store(state_url)
+    try:
+        runner = Runner(store, "t-job", stop=stop)
+        try:
+            assert runner.apply().phase == "verified"
+        finally:
+            runner.close()
+    finally:
+        store.close()
