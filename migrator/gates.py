@@ -210,6 +210,7 @@ class ReplicaLagGate(Gate):
         self.max_absent_s = max_absent_s
         self._clock = clock
         self.seen: dict[str, float] = {}  # ip:port -> when it was last listed
+        self._replid: str | None = None  # whose replicas ``seen`` holds
 
     def check(self) -> str | None:
         try:
@@ -221,6 +222,11 @@ class ReplicaLagGate(Gate):
         offset = int(repl.get("master_repl_offset", 0))
         worst: list[str] = []
         now = self._clock()
+        if repl.get("master_replid") != self._replid:
+            # Another primary (a failover: the promoted replica never lists itself) or a new
+            # replication history: the replicas remembered were another's.
+            self._replid = repl.get("master_replid")
+            self.seen.clear()
         listed = {
             f"{replica.get('ip')}:{replica.get('port')}": replica
             for name, replica in repl.items()

@@ -181,6 +181,29 @@ def test_replica_lag_gate_waits_for_a_replica_the_primary_dropped(
     assert gate.check() is None
 
 
+def test_replica_lag_gate_forgets_the_replicas_of_a_primary_failed_over_from(
+    start_server: Callable[..., RedisServer],
+) -> None:
+    """After a failover the promoted replica is the primary and never lists itself: the
+    gate, remembering it from the old primary, held the work for its whole wait."""
+    primary, a, b = (start_server(repl_diskless_sync_delay="0") for _ in range(3))
+    for replica in (a, b):
+        replica.client().replicaof("127.0.0.1", primary.port)
+    p = primary.client()
+    assert _poll(lambda: int(p.info("replication")["connected_slaves"]) == 2)
+    gate = ReplicaLagGate(p)
+    assert _poll(lambda: gate.check() is None) and len(gate.seen) == 2
+    # Fail over to a (as a sentinel would): a is promoted, b follows it, the runner's client
+    # now reaches a.
+    a.client().replicaof("no", "one")
+    b.client().replicaof("127.0.0.1", a.port)
+    primary.stop()
+    gate.client = a.client()
+    assert _poll(lambda: int(a.client().info("replication")["connected_slaves"]) == 1)
+    assert _poll(lambda: gate.check() is None), gate.check()
+    assert set(gate.seen) == {f"127.0.0.1:{b.port}"}
+
+
 def test_replica_lag_gate_is_quiet_without_replicas(r: redis.Redis) -> None:
     r.set("k", b"x" * 100_000)
     assert ReplicaLagGate(r, max_bytes=1).check() is None
