@@ -28,6 +28,16 @@ from tests.integration.life import JOB, cli_env, job_state, migrator_popen
 from tests.servers import RedisServer
 
 
+def _wait_for_stage(state_url: str, stage: str, past: int) -> None:
+    """Until the unfinished ``stage`` (copy, verify) has saved more than ``past`` members."""
+
+    def going() -> bool:
+        cp = job_state(state_url)["checkpoints"].get(stage)
+        return cp is not None and not cp.finished and cp.members_done > past
+
+    eventually(going, 30, f"the {stage} got past {past} members")
+
+
 def _lagging_instance(r: redis.Redis, stop: threading.Event) -> threading.Thread:
     """An app instance that heartbeats but never applies an epoch: barriers wait for it."""
 
@@ -166,12 +176,7 @@ def test_a_runner_that_loses_its_lease_says_so_and_keeps_its_checkpoint(
     env = cli_env(state_url)
     apply = migrator_popen("plan", "apply", str(plan), "--allow-no-instances", env=env)
     try:
-
-        def copying() -> bool:
-            cp = job_state(state_url)["checkpoints"].get("copy")
-            return cp is not None and cp.members_done > 0
-
-        eventually(copying, 30, "the copy got going")
+        _wait_for_stage(state_url, "copy", past=0)
         other = {"purpose": "apply", "host": "elsewhere", "pid": 4242, "token": "t", "since": 0}
         r.set(keys.lock(JOB), json.dumps(other))
         out, err = apply.communicate(timeout=60)
@@ -207,12 +212,7 @@ def test_a_runner_paused_past_its_lease_writes_nothing_when_it_wakes(
     )
     shard_keys = [f"big:{i}" for i in range(8)]
     try:
-
-        def copying() -> bool:
-            cp = job_state(state_url)["checkpoints"].get("copy")
-            return cp is not None and cp.members_done > 0
-
-        eventually(copying, 30, "the copy got going")
+        _wait_for_stage(state_url, "copy", past=0)
         os.kill(apply.pid, signal.SIGSTOP)
         try:
             eventually(
@@ -250,12 +250,7 @@ def test_a_server_restarted_mid_copy_makes_the_copy_scan_again_from_the_start(
     env = cli_env(state_url)
     apply = migrator_popen("plan", "apply", str(plan), "--allow-no-instances", env=env)
     try:
-
-        def copying() -> bool:
-            cp = job_state(state_url)["checkpoints"].get("copy")
-            return cp is not None and cp.members_done > 15_000
-
-        eventually(copying, 30, "the copy got going")
+        _wait_for_stage(state_url, "copy", past=15_000)
         redis_server.restart()
         _out, err = apply.communicate(timeout=60)
     finally:
@@ -287,12 +282,7 @@ def test_a_server_restarted_mid_verify_makes_its_pass_start_over(
     commands.set_rate(JOB, 15_000, state_url=state_url)
     verify = migrator_popen("verify", JOB, "--rounds", "1", env=env)
     try:
-
-        def walking() -> bool:
-            cp = job_state(state_url)["checkpoints"].get("verify")
-            return cp is not None and not cp.finished and cp.members_done > 10_000
-
-        eventually(walking, 30, "the verify pass got going")
+        _wait_for_stage(state_url, "verify", past=10_000)
         redis_server.restart()
         _out, err = verify.communicate(timeout=60)
     finally:
