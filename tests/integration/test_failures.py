@@ -9,6 +9,7 @@ import json
 import os
 import signal
 import sqlite3
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -36,6 +37,20 @@ def _wait_for_stage(state_url: str, stage: str, past: int) -> None:
         return cp is not None and not cp.finished and cp.members_done > past
 
     eventually(going, 30, f"the {stage} got past {past} members")
+
+
+def _restart_under(
+    proc: subprocess.Popen[str], server: RedisServer, state_url: str, stage: str, past: int
+) -> str:
+    """Restart the server once ``proc``'s ``stage`` got past ``past`` members; its stderr."""
+    try:
+        _wait_for_stage(state_url, stage, past)
+        server.restart()
+        _out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    return err
 
 
 def _lagging_instance(r: redis.Redis, stop: threading.Event) -> threading.Thread:
@@ -249,13 +264,7 @@ def test_a_server_restarted_mid_copy_makes_the_copy_scan_again_from_the_start(
     plan = write_plan(tmp_path / "p.yaml", redis_server.url, extra="copy: {rate: 20000}\n")
     env = cli_env(state_url)
     apply = migrator_popen("plan", "apply", str(plan), "--allow-no-instances", env=env)
-    try:
-        _wait_for_stage(state_url, "copy", past=15_000)
-        redis_server.restart()
-        _out, err = apply.communicate(timeout=60)
-    finally:
-        if apply.poll() is None:
-            apply.kill()
+    err = _restart_under(apply, redis_server, state_url, "copy", past=15_000)
     assert apply.returncode == 1, err
     assert "the server restarted or failed over" in err and "Traceback" not in err, err
     state = job_state(state_url)
@@ -281,13 +290,7 @@ def test_a_server_restarted_mid_verify_makes_its_pass_start_over(
     assert run_cli("plan", "apply", str(plan), "--allow-no-instances", env=env).returncode == 0
     commands.set_rate(JOB, 15_000, state_url=state_url)
     verify = migrator_popen("verify", JOB, "--rounds", "1", env=env)
-    try:
-        _wait_for_stage(state_url, "verify", past=10_000)
-        redis_server.restart()
-        _out, err = verify.communicate(timeout=60)
-    finally:
-        if verify.poll() is None:
-            verify.kill()
+    err = _restart_under(verify, redis_server, state_url, "verify", past=10_000)
     assert verify.returncode == 1 and "restarted or failed over" in err, err
     commands.set_rate(JOB, 0, state_url=state_url)
     res = run_cli("verify", JOB, "--rounds", "1", "--json", env=env, timeout=120)
